@@ -1,0 +1,364 @@
+"""Typed configuration: dataclasses, YAML files, `section.key=value` overrides, validation.
+
+One name per thing: a dataclass field, its YAML key and its CLI override are the same word
+(`model.d_model`, `train.lr`). Derived values (n_kv_heads, d_ff) are filled in `resolve`, the only
+place that computes them; a resolved config written with `save_config` loads back equal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from atlas_jax.errors import ConfigError
+
+ARCHS = ("llama", "gpt2")
+DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "full", "dots")
+ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
+SCHEDULES = ("cosine", "linear", "constant")
+TOKENIZER_TYPES = ("bpe", "unigram")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "llama"  # llama | gpt2
+    vocab_size: int = 512
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None -> n_heads (llama); gpt2 always n_heads
+    d_ff: int | None = None  # None -> llama: 8/3*d_model rounded up to ffn_multiple_of; gpt2: 4*d_model
+    ffn_multiple_of: int = 64
+    max_seq_len: int = 256
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    compute_dtype: str = "float32"  # float32 | bfloat16
+    param_dtype: str = "float32"
+    remat: str = "none"  # none | full | dots
+    attention: str = "xla"  # xla (jax.nn.dot_product_attention) | cudnn | einsum
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass
+class DataConfig:
+    # Known corpus names (tinyshakespeare), files, directories or globs of .txt / .jsonl.
+    sources: list[str] = field(default_factory=lambda: ["tinyshakespeare"])
+    doc_separator: str | None = None  # .txt: None -> the whole file is one document
+    text_field: str = "text"  # .jsonl: the field holding the text
+    tokenizer: str | None = None  # a .model file; None -> <data_dir>/tokenizer.model, trained if missing
+    tokenizer_type: str = "bpe"  # bpe | unigram
+    data_dir: str | None = None  # prepared shards; None -> <run_dir>/data
+    seq_len: int = 256
+    val_fraction: float = 0.1
+    split_seed: int = 0
+    num_workers: int = 2
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    batch_size: int = 32  # global batch, in sequences
+    microbatches: int = 1  # gradient accumulation inside the step
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    decay_embeddings: bool = False
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 disables
+    log_interval: int = 10
+    eval_interval: int = 200
+    eval_batches: int = 20
+    checkpoint_interval: int = 500
+    keep: int = 3
+    seed: int = 0
+    mesh: list[int] = field(default_factory=lambda: [-1, 1])  # (data, fsdp); -1 = all remaining devices
+    max_nonfinite_steps: int = 10
+
+
+@dataclass
+class SampleConfig:
+    temperature: float = 0.8
+    top_k: int = 0  # 0 disables
+    top_p: float = 1.0  # 1.0 disables
+    max_new_tokens: int = 200
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# --------------------------------------------------------------------------- typing
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else tp.__name__
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check `value` against the annotation `tp`; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and item is str:
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return [_coerce(v, item, where) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _unknown_key(key: str, valid: list[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(valid)}"
+    return ConfigError(f"{where}: unknown key '{key}'; {hint}")
+
+
+def _build_section(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {values!r}")
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise _unknown_key(str(key), list(hints), where)
+        kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def from_dict(d: dict | None, source: str = "config") -> Config:
+    d = d or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
+    sections = {}
+    for name, value in d.items():
+        if name not in SECTIONS:
+            raise _unknown_key(str(name), list(SECTIONS), source)
+        sections[name] = _build_section(SECTIONS[name], value or {}, f"{source}: {name}")
+    return Config(**sections)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """'model.d_model=128' -> ('model', 'd_model', 128); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}': expected section.key=value, e.g. train.lr=3e-4")
+    dotted, raw = text.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override '{text}': expected section.key=value, e.g. train.lr=3e-4")
+    section, key = parts
+    if section not in SECTIONS:
+        raise _unknown_key(section, list(SECTIONS), f"override '{text}'")
+    hints = _field_types(SECTIONS[section])
+    if key not in hints:
+        raise _unknown_key(key, list(hints), f"override '{text}'")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # A plain string field keeps what was typed (so train.run_dir=123 stays "123").
+    if hints[key] in (str, str | None) and value is not None and not isinstance(value, str):
+        value = raw
+    return section, key, _coerce(value, hints[key], f"override '{text}'")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for text in overrides:
+        section, key, value = parse_override(text)
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{key: value})})
+    return cfg
+
+
+# --------------------------------------------------------------------------- derive + validate
+
+
+def _round_up(x: float, multiple: int) -> int:
+    return int(multiple * math.ceil(x / multiple))
+
+
+def resolve_model(m: ModelConfig) -> ModelConfig:
+    """Fill the model's derived values (the one place they are computed) and validate it."""
+    n_kv = m.n_heads if (m.n_kv_heads is None or m.arch == "gpt2") else m.n_kv_heads
+    if m.d_ff is not None:
+        d_ff = m.d_ff
+    elif m.arch == "gpt2":
+        d_ff = 4 * m.d_model
+    else:  # SwiGLU keeps the MLP's parameter count near 2*4*d^2 with 3 matrices.
+        d_ff = _round_up(8 * m.d_model / 3, max(m.ffn_multiple_of, 1))
+    validate_model(m)
+    return dataclasses.replace(m, n_kv_heads=n_kv, d_ff=d_ff)
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the derived values, then validate the whole config."""
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
+    validate(cfg)
+    return cfg
+
+
+def _choice(value: str, options: tuple, where: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{where}: '{value}' is not one of {', '.join(options)}")
+
+
+def _check_positive(values: dict, strict: bool) -> None:
+    for key, value in values.items():
+        if value is None:
+            continue
+        if (value <= 0) if strict else (value < 0):
+            raise ConfigError(f"{key} must be {'positive' if strict else '>= 0'}, got {value}")
+
+
+def validate_model(m: ModelConfig) -> None:
+    _choice(m.arch, ARCHS, "model.arch")
+    _choice(m.compute_dtype, DTYPES, "model.compute_dtype")
+    _choice(m.param_dtype, DTYPES, "model.param_dtype")
+    _choice(m.remat, REMAT_POLICIES, "model.remat")
+    _choice(m.attention, ATTENTION_IMPLS, "model.attention")
+    _check_positive({
+        "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len,
+        "model.ffn_multiple_of": m.ffn_multiple_of, "model.n_kv_heads": m.n_kv_heads,
+        "model.d_ff": m.d_ff, "model.rope_theta": m.rope_theta}, strict=True)
+    _check_positive({"model.norm_eps": m.norm_eps}, strict=False)
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
+            f"pick n_heads from the divisors of d_model")
+    if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+        raise ConfigError(
+            f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
+            f"use a divisor of n_heads (1 = multi-query, n_heads = multi-head)")
+    if m.arch == "llama" and m.head_dim % 2:
+        raise ConfigError(f"model: head_dim = d_model/n_heads = {m.head_dim} must be even for RoPE")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+
+
+def validate(cfg: Config) -> None:
+    m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
+    validate_model(m)
+    _choice(t.schedule, SCHEDULES, "train.schedule")
+    _choice(d.tokenizer_type, TOKENIZER_TYPES, "data.tokenizer_type")
+    _check_positive({
+        "data.seq_len": d.seq_len, "data.num_workers": d.num_workers,
+        "train.batch_size": t.batch_size, "train.microbatches": t.microbatches, "train.steps": t.steps,
+        "train.log_interval": t.log_interval, "train.eval_interval": t.eval_interval,
+        "train.eval_batches": t.eval_batches, "train.checkpoint_interval": t.checkpoint_interval,
+        "train.keep": t.keep, "train.max_nonfinite_steps": t.max_nonfinite_steps,
+        "sample.max_new_tokens": s.max_new_tokens}, strict=True)
+    _check_positive({
+        "train.lr": t.lr, "train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps,
+        "train.weight_decay": t.weight_decay, "train.grad_clip": t.grad_clip, "train.eps": t.eps,
+        "sample.temperature": s.temperature, "sample.top_k": s.top_k}, strict=False)
+    if d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} is larger than model.max_seq_len={m.max_seq_len}; "
+            f"lower data.seq_len or raise model.max_seq_len")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    if not d.sources:
+        raise ConfigError("data.sources is empty; name a corpus (tinyshakespeare) or .txt/.jsonl files")
+    if t.batch_size % t.microbatches:
+        raise ConfigError(
+            f"train.microbatches={t.microbatches} does not divide train.batch_size={t.batch_size}")
+    if t.min_lr > t.lr:
+        raise ConfigError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
+    if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
+        raise ConfigError(f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
+    if len(t.mesh) != 2 or any(v == 0 or v < -1 for v in t.mesh) or t.mesh.count(-1) > 1:
+        raise ConfigError(
+            f"train.mesh={t.mesh}: expected [data, fsdp] with positive sizes and at most one -1, e.g. [-1, 1]")
+    if not 0.0 < s.top_p <= 1.0:
+        raise ConfigError(f"sample.top_p must be in (0, 1], got {s.top_p}")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when path is None), apply overrides, resolve."""
+    if path is None:
+        cfg = Config()
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found; see configs/ for examples")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        cfg = from_dict(raw, source=str(path))
+    return resolve(apply_overrides(cfg, overrides or []))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
+    tmp.replace(path)

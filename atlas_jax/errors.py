@@ -1,0 +1,44 @@
+"""The one error type Atlas raises for people, and the CLI wrapper that prints it.
+
+Every error meant for a user (a bad config key, a missing corpus, a corrupt checkpoint) is an
+`AtlasError` whose message is one line naming the file or key, what was wrong and what to do.
+Entry points wrap their main in `run_cli`, which prints that line and exits non-zero with no
+traceback. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+
+class AtlasError(Exception):
+    """A problem with the user's input or files, explained in one line."""
+
+
+class ConfigError(AtlasError):
+    pass
+
+
+class DataError(AtlasError):
+    pass
+
+
+class CheckpointError(AtlasError):
+    pass
+
+
+EXIT_USER_ERROR = 2
+
+
+def run_cli(main: Callable[[], int | None]) -> None:
+    """Run an entry point: AtlasError -> one line on stderr and exit 2; Ctrl-C -> exit 130."""
+    try:
+        code = main()
+    except AtlasError as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"error: {msg}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)

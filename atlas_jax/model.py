@@ -1,0 +1,343 @@
+"""Decoder-only transformers in Flax Linen: the `llama` and `gpt2` families.
+
+Params are a plain pytree with readable paths, the same words the GGUF table uses:
+
+    embed/embedding                      [V, D]
+    pos_embed/embedding                  [max_seq_len, D]          gpt2 only
+    layers_{i}/attn_norm/{scale,bias}    [D]                       bias: gpt2 only
+    layers_{i}/attn/w{q,k,v,o}/kernel    wq [D, H*Dh], wk/wv [D, KV*Dh], wo [H*Dh, D]
+    layers_{i}/attn/w{q,k,v,o}/bias      gpt2 only
+    layers_{i}/mlp_norm/{scale,bias}     [D]
+    layers_{i}/mlp/w_gate/kernel         [D, F]                    llama only (SwiGLU)
+    layers_{i}/mlp/w_up/{kernel,bias}    [D, F]
+    layers_{i}/mlp/w_down/{kernel,bias}  [F, D]
+    final_norm/{scale,bias}              [D]
+    lm_head/kernel                       [D, V]                    untied heads only
+
+RoPE convention (llama): ADJACENT pairs. Dimension pair i of a head is (x[2i], x[2i+1]), rotated by
+position * theta^(-2i/Dh). This is how llama.cpp's `llama` architecture (GGML_ROPE_TYPE_NORM)
+rotates, so Q/K rows export to GGUF without a permutation. atlas_torch_ref uses the same pairing.
+
+GQA grouping: query head h reads key/value head h // (H / KV) (llama.cpp and `repeat_interleave`).
+
+Two entry points, sharing params:
+- `model.apply(params, tokens_BxT)` -> logits_BxTxV (float32): training and evaluation.
+- `model.apply(params, tokens_BxT, positions_BxT, cache, method=Transformer.decode)`
+  -> (logits_BxTxV, cache): prefill and one-token-at-a-time decoding with a KV cache (`init_cache`).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atlas_jax.config import ModelConfig
+
+Array = jax.Array
+PyTree = Any
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def _normal(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+# --------------------------------------------------------------------------- norms
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        scale_D = self.param("scale", nn.initializers.ones, (x_BxTxD.shape[-1],), self.param_dtype)
+        x = x_BxTxD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return x * scale_D.astype(jnp.float32)
+
+
+class LayerNorm(nn.Module):
+    eps: float
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        d = x_BxTxD.shape[-1]
+        scale_D = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        bias_D = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+        x = x_BxTxD.astype(jnp.float32)
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        x = (x - mean) * jax.lax.rsqrt(var + self.eps)
+        return x * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)
+
+
+def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
+    cls = RMSNorm if cfg.arch == "llama" else LayerNorm
+    return cls(eps=cfg.norm_eps, param_dtype=dtype_of(cfg.param_dtype), name=name)
+
+
+# --------------------------------------------------------------------------- rope
+
+
+def rope_frequencies(head_dim: int, theta: float) -> np.ndarray:
+    """inv_freq_i = theta^(-2i/Dh) for i < Dh/2, as llama.cpp computes it."""
+    return 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim))
+
+
+def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) by position * inv_freq_i (float32 math)."""
+    h = x_BxTxNxH.shape[-1]
+    inv_freq = jnp.asarray(rope_frequencies(h, theta), dtype=jnp.float32)
+    angles_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+    cos = jnp.cos(angles_BxTxH2)[:, :, None, :]
+    sin = jnp.sin(angles_BxTxH2)[:, :, None, :]
+    x = x_BxTxNxH.astype(jnp.float32).reshape(*x_BxTxNxH.shape[:-1], h // 2, 2)
+    x0, x1 = x[..., 0], x[..., 1]
+    out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
+    return out.reshape(x_BxTxNxH.shape).astype(x_BxTxNxH.dtype)
+
+
+# --------------------------------------------------------------------------- attention
+
+
+def einsum_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array) -> Array:
+    """Plain attention, written out: the reference the fused paths are tested against."""
+    b, t, n, h = q_BxTxNxH.shape
+    kv = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH).astype(jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxSxKxH.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH)
+    return out.reshape(b, t, n, h)
+
+
+def attention(q, k, v, mask_BxTxS: Array | None, impl: str) -> Array:
+    """Causal (mask None) or masked attention; q [B,T,N,H], k/v [B,S,K,H], K divides N."""
+    if impl == "einsum":
+        if mask_BxTxS is None:
+            t, s = q.shape[1], k.shape[1]
+            mask_BxTxS = jnp.broadcast_to(jnp.tril(jnp.ones((t, s), bool)), (q.shape[0], t, s))
+        return einsum_attention(q, k, v, mask_BxTxS)
+    implementation = "cudnn" if impl == "cudnn" else "xla"
+    if mask_BxTxS is None:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask_BxTxS[:, None], implementation="xla")
+
+
+class Attention(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        dense = lambda feats, name, std: nn.Dense(  # noqa: E731
+            feats, use_bias=c.arch == "gpt2", dtype=dtype_of(c.compute_dtype),
+            param_dtype=dtype_of(c.param_dtype), kernel_init=_normal(std), name=name)
+        out_std = 0.02 / math.sqrt(2 * c.n_layers)
+        self.wq = dense(c.n_heads * c.head_dim, "wq", 0.02)
+        self.wk = dense(c.n_kv_heads * c.head_dim, "wk", 0.02)
+        self.wv = dense(c.n_kv_heads * c.head_dim, "wv", 0.02)
+        self.wo = dense(c.d_model, "wo", out_std)
+
+    def __call__(self, x_BxTxD, positions_BxT, kv_cache=None, cache_index=None, mask_BxTxS=None):
+        c = self.cfg
+        b, t, _ = x_BxTxD.shape
+        q = self.wq(x_BxTxD).reshape(b, t, c.n_heads, c.head_dim)
+        k = self.wk(x_BxTxD).reshape(b, t, c.n_kv_heads, c.head_dim)
+        v = self.wv(x_BxTxD).reshape(b, t, c.n_kv_heads, c.head_dim)
+        if c.arch == "llama":
+            q = apply_rope(q, positions_BxT, c.rope_theta)
+            k = apply_rope(k, positions_BxT, c.rope_theta)
+        new_cache = None
+        if kv_cache is not None:
+            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), (0, cache_index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": k_all, "v": v_all}
+            k, v = k_all.astype(q.dtype), v_all.astype(q.dtype)
+            out = attention(q, k, v, mask_BxTxS, "einsum" if c.attention == "einsum" else "xla")
+        else:
+            out = attention(q, k, v, None, c.attention)
+        return self.wo(out.reshape(b, t, c.n_heads * c.head_dim)), new_cache
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        c = self.cfg
+        dense = lambda feats, name, std: nn.Dense(  # noqa: E731
+            feats, use_bias=c.arch == "gpt2", dtype=dtype_of(c.compute_dtype),
+            param_dtype=dtype_of(c.param_dtype), kernel_init=_normal(std), name=name)
+        out_std = 0.02 / math.sqrt(2 * c.n_layers)
+        if c.arch == "llama":
+            gate = dense(c.d_ff, "w_gate", 0.02)(x_BxTxD)
+            up = dense(c.d_ff, "w_up", 0.02)(x_BxTxD)
+            h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(up.dtype)
+        else:
+            h = jax.nn.gelu(dense(c.d_ff, "w_up", 0.02)(x_BxTxD), approximate=True)
+        return dense(c.d_model, "w_down", out_std)(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    def setup(self):
+        self.attn_norm = make_norm(self.cfg, "attn_norm")
+        self.attn = Attention(self.cfg, name="attn")
+        self.mlp_norm = make_norm(self.cfg, "mlp_norm")
+        self.mlp = MLP(self.cfg, name="mlp")
+        self.dropout = nn.Dropout(self.cfg.dropout)
+
+    def __call__(self, x_BxTxD, positions_BxT, deterministic: bool = True,
+                 kv_cache=None, cache_index=None, mask_BxTxS=None):
+        dt = x_BxTxD.dtype
+        h = self.attn_norm(x_BxTxD).astype(dt)
+        h, new_cache = self.attn(h, positions_BxT, kv_cache, cache_index, mask_BxTxS)
+        x_BxTxD = x_BxTxD + self.dropout(h, deterministic=deterministic)
+        h = self.mlp(self.mlp_norm(x_BxTxD).astype(dt))
+        x_BxTxD = x_BxTxD + self.dropout(h, deterministic=deterministic)
+        return x_BxTxD, new_cache
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        pd, cd = dtype_of(c.param_dtype), dtype_of(c.compute_dtype)
+        self.embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_normal(0.02),
+                              dtype=cd, param_dtype=pd, name="embed")
+        if c.arch == "gpt2":
+            self.pos_embed = nn.Embed(c.max_seq_len, c.d_model, embedding_init=_normal(0.02),
+                                      dtype=cd, param_dtype=pd, name="pos_embed")
+        block = Block
+        if c.remat != "none":
+            # Argument 0 is the module itself, so `deterministic` (3rd positional) is argnum 3.
+            block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(3,))
+        self.layers = [block(c, name=f"layers_{i}") for i in range(c.n_layers)]
+        self.final_norm = make_norm(c, "final_norm")
+        if not c.tie_embeddings:
+            self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=cd, param_dtype=pd,
+                                    kernel_init=_normal(0.02), name="lm_head")
+        self.dropout = nn.Dropout(c.dropout)
+
+    def _embed(self, tokens_BxT, positions_BxT, deterministic):
+        x = self.embed(tokens_BxT)
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_embed(jnp.maximum(positions_BxT, 0))
+        return self.dropout(x, deterministic=deterministic)
+
+    def _head(self, x_BxTxD) -> Array:
+        x = self.final_norm(x_BxTxD).astype(dtype_of(self.cfg.compute_dtype))
+        logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
+        return logits.astype(jnp.float32)
+
+    def __call__(self, tokens_BxT: Array, deterministic: bool = True) -> Array:
+        """Causal forward over whole sequences -> float32 logits_BxTxV."""
+        b, t = tokens_BxT.shape
+        positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        x = self._embed(tokens_BxT, positions_BxT, deterministic)
+        for layer in self.layers:
+            x, _ = layer(x, positions_BxT, deterministic)
+        return self._head(x)
+
+    def decode(self, tokens_BxT: Array, positions_BxT: Array, cache: PyTree):
+        """Run T new tokens against a KV cache (prefill when T > 1, a decode step when T == 1).
+
+        positions_BxT: each token's position in its own sequence, -1 for padding (left-padded
+        prompts): padding never serves as a key. The tokens land in cache slots
+        [cache["index"], cache["index"] + T); a query sees the earlier slots holding real tokens.
+        Returns float32 logits_BxTxV and the updated cache.
+        """
+        b, t = tokens_BxT.shape
+        index = cache["index"]
+        pos_BxS = jax.lax.dynamic_update_slice(cache["pos"], positions_BxT.astype(jnp.int32), (0, index))
+        s = pos_BxS.shape[1]
+        slot_S = jnp.arange(s)
+        query_slot_T = index + jnp.arange(t)
+        causal_TxS = slot_S[None, :] <= query_slot_T[:, None]
+        # A padded query sees its own slot, so no softmax row is empty.
+        mask_BxTxS = causal_TxS[None] & ((pos_BxS[:, None, :] >= 0) | (slot_S[None, None, :] == query_slot_T[None, :, None]))
+        rope_pos_BxT = jnp.maximum(positions_BxT, 0)
+        x = self._embed(tokens_BxT, rope_pos_BxT, True)
+        new_layers = []
+        for layer, kv in zip(self.layers, cache["layers"]):
+            x, new_kv = layer(x, rope_pos_BxT, True, kv, index, mask_BxTxS)
+            new_layers.append(new_kv)
+        new_cache = {"layers": new_layers, "pos": pos_BxS, "index": index + t}
+        return self._head(x), new_cache
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> PyTree:
+    """An empty KV cache: per layer k/v [B, S, KV, Dh], slot positions [B, S] (-1 = empty)."""
+    s = max_len or cfg.max_seq_len
+    dtype = dtype or dtype_of(cfg.compute_dtype)
+    shape = (batch, s, cfg.n_kv_heads, cfg.head_dim)
+    layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
+    return {"layers": layers, "pos": jnp.full((batch, s), -1, jnp.int32), "index": jnp.array(0, jnp.int32)}
+
+
+def init_params(cfg: ModelConfig, key: Array) -> PyTree:
+    """Random params (plain pytree). The trainer creates them sharded instead (eval_shape + jit)."""
+    model = Transformer(cfg)
+    return model.init(key, jnp.zeros((1, 1), jnp.int32))["params"]
+
+
+def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array | None = None) -> tuple[Array, Array]:
+    """Summed token NLL (float32) and the number of tokens it covers."""
+    logp = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    nll_BxT = -jnp.take_along_axis(logp, targets_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    if weights_BxT is None:
+        weights_BxT = jnp.ones_like(nll_BxT)
+    return jnp.sum(nll_BxT * weights_BxT), jnp.sum(weights_BxT)
+
+
+def loss_fn(params: PyTree, cfg: ModelConfig, tokens_BxT: Array, targets_BxT: Array,
+            dropout_key: Array | None = None) -> Array:
+    """Mean next-token cross-entropy in nats."""
+    rngs = {"dropout": dropout_key} if dropout_key is not None else None
+    logits = Transformer(cfg).apply({"params": params}, tokens_BxT, dropout_key is None, rngs=rngs)
+    total, count = cross_entropy(logits, targets_BxT)
+    return total / count
+
+
+def count_params(params: PyTree, cfg: ModelConfig | None = None) -> dict[str, int]:
+    """Total parameters, and non-embedding ones (token and position tables excluded, as in GPT-2/Kaplan)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    total = sum(int(np.prod(x.shape)) for _, x in flat)
+    emb = sum(int(np.prod(x.shape)) for path, x in flat
+              if jax.tree_util.keystr(path).startswith(("['embed']", "['pos_embed']")))
+    return {"total": total, "non_embedding": total - emb}
+
+
+def count_params_from_config(cfg: ModelConfig) -> dict[str, int]:
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    return count_params(shapes)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward), the PaLM/nanoGPT convention used for MFU:
+    6 * (non-embedding params + the output projection D*V) + 12 * n_layers * d_model * seq_len."""
+    n = count_params_from_config(cfg)["non_embedding"] + cfg.d_model * cfg.vocab_size
+    return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len

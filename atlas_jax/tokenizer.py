@@ -1,0 +1,204 @@
+"""SentencePiece tokenizer: train (BPE or unigram, byte fallback), load, encode, decode.
+
+The model is kept to what llama.cpp's SPM tokenizer does too, so a GGUF export (tokenizer.ggml.model
+= "llama") tokenizes exactly as here: identity normalization, no dummy prefix, no whitespace
+cleanup, all 256 byte pieces, fixed ids unk=0 bos=1 eos=2 pad=3. Byte fallback means no text maps
+to <unk>, and decode(encode(s)) == s for every string except one that holds U+2581 ('▁', the
+piece alphabet's space), which comes back as ' ' (sentencepiece and llama.cpp alike).
+
+    python -m atlas_jax.tokenizer train --input tinyshakespeare --vocab-size 2048 --out DIR
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import re
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from atlas_jax.errors import DataError, run_cli
+
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "unigram")
+MAX_SENTENCE_BYTES = 1 << 16  # longer lines are cut into pieces this long for training
+MAX_SENTENCES = 1_000_000  # sentencepiece samples this many lines (reservoir) from the stream
+MAX_TRAIN_BYTES = 1 << 30  # stop reading the corpus for training after this much text
+SPACE = "\u2581"  # '▁', sentencepiece's space
+
+
+def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
+    """Lines of `texts` without their '\\n' (which stays a byte piece), long ones cut, empty ones skipped."""
+    seen = 0
+    for text in texts:
+        for line in text.split("\n"):
+            if not line:
+                continue
+            step = MAX_SENTENCE_BYTES // 4  # 4 UTF-8 bytes per character at most, so a slice fits
+            for i in range(0, len(line), step):
+                yield line[i:i + step]
+            seen += len(line)
+            if seen >= max_bytes:
+                return
+
+
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int, model_type: str = "bpe",
+                    seed: int = 0, max_sentences: int = MAX_SENTENCES,
+                    max_bytes: int = MAX_TRAIN_BYTES) -> "Tokenizer":
+    """Train on a stream of text; write out_dir/tokenizer.model and .vocab; same input+seed -> same bytes."""
+    if model_type not in MODEL_TYPES:
+        raise DataError(f"tokenizer type '{model_type}' is not one of {', '.join(MODEL_TYPES)}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_training_sentences(texts, max_bytes), model_writer=model,
+            vocab_size=vocab_size, model_type=model_type, byte_fallback=True,
+            unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+            normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True, split_digits=True, max_sentence_length=MAX_SENTENCE_BYTES,
+            input_sentence_size=max_sentences, shuffle_input_sentence=True,
+            num_threads=1,  # the BPE trainer's merges depend on the thread count; 1 keeps it reproducible
+            minloglevel=2)
+    except RuntimeError as e:
+        raise _training_error(e, vocab_size) from None
+    path = out_dir / "tokenizer.model"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(path)
+    tok = Tokenizer.load(path)
+    (out_dir / "tokenizer.vocab").write_text(
+        "".join(f"{tok.sp.id_to_piece(i)}\t{tok.sp.get_score(i):g}\n" for i in range(tok.vocab_size)),
+        encoding="utf-8")
+    return tok
+
+
+def _training_error(e: RuntimeError, vocab_size: int) -> DataError:
+    msg = str(e)
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg):
+        return DataError(f"vocab size {m[1]} is too large for this corpus (it supports at most {m[2]}); "
+                         f"lower the vocab size (model.vocab_size / --vocab-size) or add text")
+    if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", msg):
+        return DataError(f"vocab size {m[1]} is too small: the corpus needs {m[2]} pieces for its characters, "
+                         f"bytes and special tokens; raise the vocab size")
+    if "sentences_.empty()" in msg:
+        return DataError("tokenizer training found no text to learn from; check the input files")
+    return DataError(f"sentencepiece failed to train a tokenizer with vocab size {vocab_size}: "
+                     f"{msg.splitlines()[0] if msg else type(e).__name__}")
+
+
+class Tokenizer:
+    """A loaded sentencepiece model; `sp` is the SentencePieceProcessor for anything not wrapped here."""
+
+    def __init__(self, sp: spm.SentencePieceProcessor, path: Path, sha256: str):
+        self.sp = sp
+        self.path = path
+        self.sha256 = sha256
+        self._byte_lengths: np.ndarray | None = None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"{path}: tokenizer file not found; train one with "
+                            f"`python -m atlas_jax.tokenizer train` or set data.tokenizer=null") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+        sp = spm.SentencePieceProcessor()
+        try:
+            sp.LoadFromSerializedProto(data)
+        except RuntimeError:
+            raise DataError(f"{path}: not a sentencepiece model (corrupt or a different format); "
+                            f"point data.tokenizer at a .model file or delete it to retrain") from None
+        return cls(sp, path, hashlib.sha256(data).hexdigest())
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def unk_id(self) -> int:
+        return self.sp.unk_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def pad_id(self) -> int:
+        return self.sp.pad_id()
+
+    def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
+        return self.sp.encode(text, add_bos=bos, add_eos=eos)
+
+    def encode_batch(self, texts: list[str], bos: bool = False, eos: bool = False) -> list[list[int]]:
+        return self.sp.encode(list(texts), add_bos=bos, add_eos=eos)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Control ids (bos/eos/pad) decode to nothing."""
+        return self.sp.decode(np.asarray(ids, dtype=np.int64).tolist())
+
+    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """int32[vocab_size]: UTF-8 bytes each piece stands for in running text ('▁' is one space)."""
+        if self._byte_lengths is None:
+            sp = self.sp
+            lengths = np.zeros(self.vocab_size, dtype=np.int32)
+            for i in range(self.vocab_size):
+                if sp.is_byte(i):
+                    lengths[i] = 1
+                elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+                    lengths[i] = len(sp.id_to_piece(i).replace(SPACE, " ").encode("utf-8"))
+            self._byte_lengths = lengths
+        return self._byte_lengths
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m atlas_jax.tokenizer", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a sentencepiece model on text files")
+    t.add_argument("--input", nargs="+", required=True,
+                   help="corpus names (tinyshakespeare), .txt/.jsonl files, directories or globs")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True, help="directory for tokenizer.model and tokenizer.vocab")
+    t.add_argument("--type", choices=MODEL_TYPES, default="bpe")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--text-field", default="text", help=".jsonl: the field holding the text")
+    args = p.parse_args(argv)
+
+    # The entry point reads files the way data preparation does (names, globs, .jsonl, UTF-8 checks).
+    from atlas_jax.config import DataConfig
+    from atlas_jax.data.corpora import resolve_sources
+    from atlas_jax.data.prepare import iter_texts
+
+    start = time.perf_counter()
+    paths = resolve_sources(args.input)
+    tok = train_tokenizer(iter_texts(paths, DataConfig(text_field=args.text_field)), args.out,
+                          args.vocab_size, args.type, args.seed)
+    print(f"wrote {tok.path} ({args.type}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}) "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
