@@ -110,7 +110,7 @@ class Config:
     sample: SampleConfig = field(default_factory=SampleConfig)
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+SECTIONS = typing.get_type_hints(Config)
 
 
 # --------------------------------------------------------------------------- typing

@@ -1,0 +1,164 @@
+"""Checkpoints with orbax's CheckpointManager: save, resume, and load for inference.
+
+A run directory:
+    RUN_DIR/config.yaml            the resolved config of the run
+    RUN_DIR/tokenizer.model        the tokenizer the run trains with
+    RUN_DIR/checkpoints/<step>/    orbax items: params, opt_state, train (step, rng, bad_steps),
+                                   data_iter (the loader's state, JSON), config (JSON)
+
+Orbax writes each step to a temporary directory and renames it when complete, so a crash
+mid-save leaves the previous checkpoint loadable. The last `keep` checkpoints are kept, plus
+the best by val loss.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from atlas_jax.config import Config, from_dict, resolve, to_dict
+from atlas_jax.errors import CheckpointError
+from atlas_jax.model import init_params
+
+PyTree = Any
+CHECKPOINTS = "checkpoints"
+ITEMS = ("params", "opt_state", "train", "data_iter", "config")
+
+
+def make_manager(run_dir: Path, keep: int, read_only: bool = False) -> ocp.CheckpointManager:
+    policies = ocp.checkpoint_managers
+    preservation = policies.AnyPreservationPolicy([
+        policies.LatestN(n=keep),
+        policies.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
+                       keep_checkpoints_without_metrics=False),
+    ])
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=preservation, create=not read_only, read_only=read_only,
+        enable_async_checkpointing=False, cleanup_tmp_directories=not read_only)
+    return ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS, options=options, item_names=ITEMS)
+
+
+def save(manager: ocp.CheckpointManager, state: PyTree, data_iter_state: dict, cfg: Config,
+         val_loss: float | None = None) -> None:
+    step = int(jax.device_get(state["step"]))
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(state["params"]),
+        opt_state=ocp.args.StandardSave(state["opt_state"]),
+        train=ocp.args.StandardSave({k: state[k] for k in ("step", "rng", "bad_steps")}),
+        data_iter=ocp.args.JsonSave(data_iter_state),
+        config=ocp.args.JsonSave(to_dict(cfg)),
+    )
+    metrics = {"val_loss": float(val_loss)} if val_loss is not None else None
+    manager.save(step, args=args, metrics=metrics, force=True)
+    manager.wait_until_finished()
+
+
+def _model_mismatch(saved: dict, cfg: Config) -> list[str]:
+    want = to_dict(cfg)["model"]
+    shape_keys = ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
+                  "max_seq_len", "tie_embeddings", "param_dtype")
+    got = saved.get("model", {})
+    return [f"{k}: checkpoint {got.get(k)!r} vs config {want.get(k)!r}" for k in shape_keys if got.get(k) != want.get(k)]
+
+
+def _read_json_item(step_dir: Path, item: str) -> dict:
+    path = step_dir / item / "metadata"
+    if not path.is_file():
+        raise CheckpointError(f"{step_dir}: not a complete Atlas checkpoint ({item} is missing); "
+                              f"delete it to resume from an earlier one")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: corrupt checkpoint file; delete {step_dir} to resume from an earlier one") from None
+
+
+def restore(manager: ocp.CheckpointManager, step: int, abstract: PyTree, shardings: PyTree, cfg: Config) -> tuple[PyTree, dict]:
+    """Restore the train state (in its shardings) and the data iterator state of `step`."""
+    step_dir = Path(manager.directory) / str(step)
+    saved_cfg = _read_json_item(step_dir, "config")
+    mismatch = _model_mismatch(saved_cfg, cfg)
+    if mismatch:
+        raise CheckpointError(f"{step_dir}: checkpoint was made for a different model ({'; '.join(mismatch)}); "
+                              f"use the run's own config or start a new run with --fresh or another train.run_dir")
+    target = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    args = ocp.args.Composite(
+        params=ocp.args.StandardRestore(target["params"]),
+        opt_state=ocp.args.StandardRestore(target["opt_state"]),
+        train=ocp.args.StandardRestore({k: target[k] for k in ("step", "rng", "bad_steps")}),
+        data_iter=ocp.args.JsonRestore(),
+    )
+    try:
+        out = manager.restore(step, args=args)
+    except Exception as e:  # orbax/tensorstore raise many types for damaged files
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{step_dir}: corrupt or unreadable checkpoint ({first}); "
+                              f"delete it to resume from an earlier one") from None
+    state = {"params": out["params"], "opt_state": out["opt_state"], **out["train"]}
+    return state, out["data_iter"]
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """A run dir or a step dir -> (run_dir, step_dir of the latest complete checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint")
+    if (path / "params").is_dir() and (path / "config").is_dir():
+        return path.parent.parent, path
+    ckpt_root = path / CHECKPOINTS
+    steps = sorted((int(p.name) for p in ckpt_root.iterdir() if p.name.isdigit()), reverse=True) \
+        if ckpt_root.is_dir() else []
+    if not steps:
+        raise CheckpointError(f"{path}: no checkpoint found (expected {ckpt_root}/<step>/); "
+                              f"train first with python -m atlas_jax.train")
+    return path, ckpt_root / str(steps[0])
+
+
+def load_for_inference(path: str | Path) -> tuple[PyTree, Config, Path]:
+    """(params as host numpy arrays, resolved Config, tokenizer path) from a run or step dir."""
+    run_dir, step_dir = find_checkpoint(path)
+    try:
+        cfg = resolve(from_dict(_read_json_item(step_dir, "config"), source=str(step_dir / "config")))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"{step_dir}: the checkpoint's config is not an Atlas config ({e})") from None
+    abstract = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+    try:
+        params = ocp.StandardCheckpointer().restore(step_dir.absolute() / "params", abstract)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{step_dir}: corrupt or unreadable params ({first})") from None
+    params = jax.tree_util.tree_map(np.asarray, params)
+    tokenizer = tokenizer_path(run_dir, cfg)
+    return params, cfg, tokenizer
+
+
+def tokenizer_path(run_dir: Path, cfg: Config) -> Path:
+    candidates = [Path(run_dir) / "tokenizer.model"]
+    if cfg.data.tokenizer:
+        candidates.append(Path(cfg.data.tokenizer))
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise CheckpointError(f"{run_dir}: the run's tokenizer.model is missing (looked in {', '.join(map(str, candidates))})")
+
+
+def archive_run(run_dir: Path) -> Path | None:
+    """--fresh: move an existing run aside (never silently overwrite it). Returns the new name."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists() or not any(run_dir.iterdir()):
+        return None
+    i = 1
+    while (dest := run_dir.with_name(f"{run_dir.name}.old{i}")).exists():
+        i += 1
+    shutil.move(str(run_dir), str(dest))
+    return dest

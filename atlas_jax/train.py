@@ -1,0 +1,381 @@
+"""`python -m atlas_jax.train --config configs/X.yaml [section.key=value ...]`: the training loop.
+
+Prepares tokenizer and shards when missing, initialises or resumes from the run directory's
+latest checkpoint, trains with a jitted sharded step, evaluates, checkpoints, and ends with a
+summary. Side effects (files, logs, signals) live here; the step itself is in train_step.py.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from atlas_jax import checkpoint as ckpt
+from atlas_jax.config import Config, load_config, save_config
+from atlas_jax.errors import AtlasError, run_cli
+from atlas_jax.model import count_params, flops_per_token
+from atlas_jax.sharding import (check_batch_divides, global_batch, make_mesh, maybe_initialize_distributed,
+                                state_shardings)
+from atlas_jax.train_step import abstract_state, create_sharded_state, make_eval_step, make_train_step
+
+# Dense bf16 peak FLOP/s per device, for MFU (None: unknown, MFU not reported).
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
+              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def device_peak_flops(device=None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak
+    return None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    train_loss: float | None = None
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    tokens_seen: int = 0
+    tokens_per_s: float | None = None
+    mfu: float | None = None
+    stopped: str = "done"  # done | interrupted | nonfinite
+    history: list = field(default_factory=list)
+    state: object = None  # the final train state, for callers in the same process
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, _frame):
+        if self.signal is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def _is_main() -> bool:
+    return jax.process_index() == 0
+
+
+def _log(msg: str) -> None:
+    if _is_main():
+        print(msg, file=sys.stderr, flush=True)
+
+
+def prepare_run(cfg: Config, run_dir: Path):
+    """Tokenizer + shards (prepared once, by process 0), and the run's copy of the tokenizer."""
+    from atlas_jax.data.prepare import ensure_prepared
+    from jax.experimental import multihost_utils
+
+    data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else run_dir / "data"
+    if _is_main():
+        ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=_log)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("atlas_data_prepared")
+    meta = ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=lambda *_: None)
+    tok_src = Path(cfg.data.tokenizer) if cfg.data.tokenizer else data_dir / "tokenizer.model"
+    if _is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not (run_dir / "tokenizer.model").is_file() or (run_dir / "tokenizer.model").read_bytes() != tok_src.read_bytes():
+            shutil.copyfile(tok_src, run_dir / "tokenizer.model")
+        save_config(cfg, run_dir / "config.yaml")
+    return data_dir, meta, tok_src
+
+
+def _val_set(cfg: Config, data_dir: Path, token_bytes: np.ndarray):
+    from atlas_jax.data.loader import val_batches
+
+    batches = val_batches(data_dir, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches)
+    n_bytes = int(sum(token_bytes[b["targets"]].sum() for b in batches))
+    n_tokens = int(sum(b["targets"].size for b in batches))
+    p, n = jax.process_index(), jax.process_count()
+    local = [{k: v[p * v.shape[0] // n:(p + 1) * v.shape[0] // n] for k, v in b.items()} for b in batches]
+    return local, n_tokens, n_bytes
+
+
+def evaluate(eval_step, params, val_local, mesh, n_tokens: int, n_bytes: int) -> dict:
+    total = 0.0
+    for b in val_local:
+        total += float(eval_step(params, global_batch(b, mesh)))
+    loss = total / n_tokens
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": total / (n_bytes * math.log(2))}
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard events, written by process 0 only."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", encoding="utf-8") if _is_main() else None
+        self.tb = None
+        if _is_main():
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for k, v in record.items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(k, v, record["step"])
+
+    def close(self):
+        if self.file:
+            self.file.close()
+            self.tb.close()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(run_dir: Path) -> Path | None:
+    """loss.png: train loss per step and val loss at each eval, from metrics.jsonl."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_step_train, by_step_val = {}, {}
+    for r in read_metrics(run_dir):  # a resumed run re-logs steps; the last record wins
+        if "loss" in r:
+            by_step_train[r["step"]] = r["loss"]
+        if "val_loss" in r:
+            by_step_val[r["step"]] = r["val_loss"]
+    if not by_step_train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    s = sorted(by_step_train)
+    ax.plot(s, [by_step_train[i] for i in s], label="train loss", lw=1, alpha=0.8)
+    if by_step_val:
+        v = sorted(by_step_val)
+        ax.plot(v, [by_step_val[i] for i in v], "o-", label="val loss", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"{Path(run_dir).name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(run_dir) / "loss.png"
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
+    from atlas_jax.data.loader import make_train_iterator
+    from atlas_jax.tokenizer import Tokenizer
+
+    run_dir = Path(cfg.train.run_dir)
+    if fresh and _is_main():
+        moved = ckpt.archive_run(run_dir)
+        if moved:
+            _log(f"--fresh: moved the previous run to {moved}")
+    data_dir, meta, tok_path = prepare_run(cfg, run_dir)
+    tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+    token_bytes = tokenizer.token_byte_lengths()
+
+    mesh = make_mesh(cfg.train.mesh)
+    check_batch_divides(cfg.train.batch_size, cfg.train.microbatches, mesh)
+    manager = ckpt.make_manager(run_dir, cfg.train.keep)
+    abstract = abstract_state(cfg)
+    shardings = state_shardings(abstract, mesh)
+
+    it = make_train_iterator(data_dir, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed,
+                             jax.process_index(), jax.process_count())
+    latest = manager.latest_step()
+    if latest is not None:
+        state, it_state = ckpt.restore(manager, latest, abstract, shardings, cfg)
+        it.set_state(it_state)
+        _log(f"resumed from {run_dir / ckpt.CHECKPOINTS / str(latest)}")
+    else:
+        state, _ = create_sharded_state(cfg, mesh)
+    step_fn = make_train_step(cfg, mesh, shardings)
+    eval_fn = make_eval_step(cfg, mesh, shardings["params"])
+    val_local, val_tokens, val_bytes = _val_set(cfg, data_dir, token_bytes)
+
+    n_params = count_params(abstract["params"])
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
+    peak = device_peak_flops()
+    _log(f"model {cfg.model.arch}: {n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding); "
+         f"mesh {dict(mesh.shape)}; {meta['splits']['train']['tokens']:,} train tokens; run dir {run_dir}")
+
+    result = RunResult(run_dir=run_dir, step=int(jax.device_get(state["step"])))
+    log = MetricsLog(run_dir)
+    start_step = result.step
+    total = cfg.train.steps
+    pending: list = []
+    last_val = None
+    fault_kill = int(os.environ.get("ATLAS_FAULT_KILL_AT_STEP", "-1"))  # fault injection for the resume test
+    bar = None
+    if progress and _is_main():
+        from tqdm import tqdm
+        bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    t_window, steps_window = time.perf_counter(), 0
+    t_start, tokens_done = time.perf_counter(), 0
+    step = start_step
+
+    def flush_metrics():
+        nonlocal t_window, steps_window
+        if not pending:
+            return None
+        host = jax.device_get([m for _, m in pending])
+        now = time.perf_counter()
+        tps = steps_window * tokens_per_step / max(now - t_window, 1e-9)
+        t_window, steps_window = now, 0
+        for (s, _), m in zip(pending, host):
+            rec = {"step": s, **{k: float(v) for k, v in m.items()}}
+            log.write(rec)
+            result.history.append(rec)
+        pending.clear()
+        last = host[-1]
+        if bar is not None:
+            mfu_txt = f" mfu={tps * flops_tok / (peak * jax.device_count()):.1%}" if peak else ""
+            bar.set_postfix_str(f"loss={float(last['loss']):.4f} lr={float(last['lr']):.2e} tok/s={tps:,.0f}{mfu_txt}")
+        result.train_loss = float(last["loss"])
+        return last
+
+    with _Stop() as stop:
+        while step < total:
+            batch = global_batch(next(it), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            steps_window += 1
+            tokens_done += tokens_per_step
+            pending.append((step, metrics))
+            if step == start_step + 1:  # the first step compiles: time from its end
+                jax.block_until_ready(metrics)
+                t_window = t_start = time.perf_counter()
+                steps_window, tokens_done = 0, 0
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.train.log_interval == 0 or step == total:
+                last = flush_metrics()
+                if last is not None and int(last["bad_steps"]) >= cfg.train.max_nonfinite_steps:
+                    result.stopped = "nonfinite"
+                    break
+            val = None
+            if step % cfg.train.eval_interval == 0 or step == total:
+                val = evaluate(eval_fn, state["params"], val_local, mesh, val_tokens, val_bytes)
+                last_val = val
+                log.write({"step": step, **val})
+                result.history.append({"step": step, **val})
+                _log(f"step {step}: val loss {val['val_loss']:.4f}, bits/byte {val['val_bpb']:.4f}")
+            if step % cfg.train.checkpoint_interval == 0 or step == total or stop.signal is not None:
+                flush_metrics()
+                ckpt.save(manager, state, it.get_state(), cfg, val["val_loss"] if val else None)
+            if step == fault_kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            if stop.signal is not None:
+                result.stopped = "interrupted"
+                break
+    flush_metrics()
+    if bar is not None:
+        bar.close()
+    elapsed = time.perf_counter() - t_start
+    manager.close()
+    log.close()
+    result.step = step
+    result.tokens_seen = step * tokens_per_step
+    result.tokens_per_s = tokens_done / elapsed if elapsed > 0 and tokens_done else None
+    if peak and result.tokens_per_s:
+        result.mfu = result.tokens_per_s * flops_tok / (peak * jax.device_count())
+    if last_val:
+        result.val_loss, result.val_bpb = last_val["val_loss"], last_val["val_bpb"]
+    if result.stopped == "nonfinite":
+        raise AtlasError(
+            f"stopped at step {step}: {cfg.train.max_nonfinite_steps} steps in a row had a non-finite loss or "
+            f"gradient (updates were skipped); the last good checkpoint in {run_dir / ckpt.CHECKPOINTS} is intact; "
+            f"lower train.lr or raise train.warmup_steps")
+    if _is_main():
+        plot_loss_curve(run_dir)
+    result.state = state
+    return result
+
+
+def summary(result: RunResult, cfg: Config, samples: list[str] | None = None) -> str:
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    lines = [
+        f"run dir        {result.run_dir}",
+        f"steps          {result.step} ({result.stopped})",
+        f"train loss     {fmt(result.train_loss, '.4f')}",
+        f"val loss       {fmt(result.val_loss, '.4f')} nats/token",
+        f"val bits/byte  {fmt(result.val_bpb, '.4f')}",
+        f"tokens seen    {result.tokens_seen:,}",
+        f"tokens/s       {fmt(result.tokens_per_s, ',.0f')}",
+        f"MFU            {fmt(result.mfu, '.1%') if result.mfu is not None else 'n/a (peak FLOP/s of ' + jax.devices()[0].device_kind + ' unknown)'}",
+        f"loss curve     {result.run_dir / 'loss.png'}",
+    ]
+    for i, s in enumerate(samples or []):
+        lines.append(f"--- sample {i + 1} ---\n{s}")
+    return "\n".join(lines)
+
+
+def _samples(result: RunResult, cfg: Config, n: int = 2) -> list[str]:
+    from atlas_jax.sample import sample_texts
+    from atlas_jax.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(result.run_dir / "tokenizer.model")
+    params = jax.device_get(result.state["params"])
+    return sample_texts(params, cfg, tok, ["\n"] * n, max_new_tokens=min(cfg.sample.max_new_tokens, 200))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m atlas_jax.train", description=__doc__.splitlines()[0])
+    p.add_argument("--config", help="YAML config (see configs/); defaults apply when omitted")
+    p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=200 model.d_model=128")
+    p.add_argument("--fresh", action="store_true", help="start over: move an existing run dir aside first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-samples", action="store_true", help="skip the samples in the final summary")
+    p.add_argument("--coordinator", help="host:port of process 0, for multi-process runs (or ATLAS_COORDINATOR)")
+    p.add_argument("--num-processes", type=int, help="number of processes (or ATLAS_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="this process's index (or ATLAS_PROCESS_ID)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    result = train(cfg, fresh=args.fresh, progress=not args.no_progress)
+    samples = None
+    if _is_main() and not args.no_samples and result.stopped == "done":
+        samples = _samples(result, cfg)
+    if _is_main():
+        print(summary(result, cfg, samples))
+    if result.stopped == "interrupted":
+        _log(f"interrupted at step {result.step}; checkpoint saved; run the same command to resume")
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

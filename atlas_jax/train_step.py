@@ -1,0 +1,126 @@
+"""The pure training and evaluation steps, and the sharded creation of the train state.
+
+    state = {"params", "opt_state", "step", "rng", "bad_steps"}      (a plain pytree)
+    train_step(state, batch) -> (state, metrics)                       under jax.jit, state donated
+
+Gradient accumulation runs inside the step with `lax.scan` over microbatches. Microbatch m takes
+rows m, m+M, m+2M, ... of the global batch, so every device holds a slice of every microbatch and
+the result depends only on the global batch, never on the device count. A step whose loss or
+gradient is not finite leaves params and optimizer state unchanged and counts in `bad_steps`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from atlas_jax.config import Config
+from atlas_jax.model import Transformer, cross_entropy, init_params, loss_fn
+from atlas_jax.optim import lr_schedule, make_optimizer
+from atlas_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
+
+PyTree = Any
+
+
+def init_state(cfg: Config, optimizer: optax.GradientTransformation, seed_key: jax.Array) -> PyTree:
+    init_key, rng_key = jax.random.split(seed_key)
+    params = init_params(cfg.model, init_key)
+    return {
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "step": jnp.array(0, jnp.int32),
+        "rng": jax.random.key_data(rng_key),
+        "bad_steps": jnp.array(0, jnp.int32),
+    }
+
+
+def abstract_state(cfg: Config) -> PyTree:
+    optimizer = make_optimizer(cfg.train)
+    return jax.eval_shape(lambda: init_state(cfg, optimizer, jax.random.key(cfg.train.seed)))
+
+
+def create_sharded_state(cfg: Config, mesh: Mesh) -> tuple[PyTree, PyTree]:
+    """Params and optimizer state created directly in their shardings (eval_shape -> jit(init))."""
+    optimizer = make_optimizer(cfg.train)
+    shapes = abstract_state(cfg)
+    shardings = state_shardings(shapes, mesh)
+    init = jax.jit(lambda: init_state(cfg, optimizer, jax.random.key(cfg.train.seed)), out_shardings=shardings)
+    return init(), shardings
+
+
+def schedule_count(opt_state) -> jax.Array:
+    """The number of updates applied so far: the LR schedule's step."""
+    is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    (sched,) = [s for s in jax.tree_util.tree_leaves(opt_state, is_leaf=is_sched) if is_sched(s)]
+    return sched.count
+
+
+def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree) -> Callable:
+    m_cfg, t_cfg = cfg.model, cfg.train
+    optimizer = make_optimizer(t_cfg)
+    schedule = lr_schedule(t_cfg)
+    n_micro = t_cfg.microbatches
+    use_dropout = m_cfg.dropout > 0
+    grad_fn = jax.value_and_grad(loss_fn)
+
+    def micro_grad(params, inputs, targets, key):
+        return grad_fn(params, m_cfg, inputs, targets, key if use_dropout else None)
+
+    def step(state, batch):
+        params = state["params"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        if n_micro == 1:
+            loss, grads = micro_grad(params, batch["inputs"], batch["targets"], key)
+        else:
+            def split(x_BxT):
+                b, t = x_BxT.shape
+                x_MxBmxT = x_BxT.reshape(b // n_micro, n_micro, t).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x_MxBmxT, NamedSharding(mesh, P(None, BATCH_AXES)))
+
+            micro = {k: split(v) for k, v in batch.items()}
+
+            def body(carry, xs):
+                loss_sum, grad_sum = carry
+                i, mb = xs
+                loss_i, grads_i = micro_grad(params, mb["inputs"], mb["targets"], jax.random.fold_in(key, i))
+                return (loss_sum + loss_i, jax.tree_util.tree_map(jnp.add, grad_sum, grads_i)), None
+
+            zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
+                                                   (jnp.arange(n_micro), micro))
+            loss = loss_sum / n_micro
+            grads = jax.tree_util.tree_map(lambda g: g / n_micro, grad_sum)
+        grad_norm = optax.global_norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+        applied = schedule_count(state["opt_state"])
+        new_state = {
+            "params": keep(new_params, params),
+            "opt_state": keep(new_opt_state, state["opt_state"]),
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+            "bad_steps": jnp.where(ok, 0, state["bad_steps"] + 1),
+        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(applied),
+                   "skipped": (~ok).astype(jnp.int32), "bad_steps": new_state["bad_steps"]}
+        return new_state, metrics
+
+    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
+                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+
+
+def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree) -> Callable:
+    """(params, batch) -> summed NLL in nats over the batch's targets (float32)."""
+    model = Transformer(cfg.model)
+
+    def evaluate(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"])
+        total, _ = cross_entropy(logits, batch["targets"])
+        return total
+
+    return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
