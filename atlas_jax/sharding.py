@@ -27,13 +27,14 @@ def maybe_initialize_distributed(coordinator: str | None, num_processes: int | N
         return
     num_processes = num_processes if num_processes is not None else int(os.environ.get("ATLAS_NUM_PROCESSES", "1"))
     process_id = process_id if process_id is not None else int(os.environ.get("ATLAS_PROCESS_ID", "0"))
-    if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Cross-process collectives on CPU (no effect on GPU/TPU); set before the backend starts.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 
-def make_mesh(mesh_shape: list[int] | tuple[int, int]) -> Mesh:
-    n = jax.device_count()
+def make_mesh(mesh_shape: list[int] | tuple[int, int], devices: list | None = None) -> Mesh:
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
     data, fsdp = mesh_shape
     if data == -1:
         if n % fsdp:
@@ -46,8 +47,7 @@ def make_mesh(mesh_shape: list[int] | tuple[int, int]) -> Mesh:
     if data * fsdp != n:
         raise ConfigError(f"train.mesh={list(mesh_shape)} needs {data * fsdp} devices but {n} are present; "
                           f"use -1 for one axis to take the rest")
-    devices = np.asarray(jax.devices()).reshape(data, fsdp)
-    return Mesh(devices, ("data", "fsdp"))
+    return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -91,17 +91,16 @@ def prepare_run(cfg: Config, run_dir: Path):
     from jax.experimental import multihost_utils
 
     data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else run_dir / "data"
-    if _is_main():
-        ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=_log)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("atlas_data_prepared")
-    meta = ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=lambda *_: None)
     tok_src = Path(cfg.data.tokenizer) if cfg.data.tokenizer else data_dir / "tokenizer.model"
     if _is_main():
+        ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=_log)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "tokenizer.model").is_file() or (run_dir / "tokenizer.model").read_bytes() != tok_src.read_bytes():
             shutil.copyfile(tok_src, run_dir / "tokenizer.model")
         save_config(cfg, run_dir / "config.yaml")
+    if jax.process_count() > 1:  # the others wait for process 0's files
+        multihost_utils.sync_global_devices("atlas_run_prepared")
+    meta = ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=lambda *_: None)
     return data_dir, meta, tok_src
 
 

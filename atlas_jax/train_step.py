@@ -93,7 +93,7 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree) -> Callable:
                                                    (jnp.arange(n_micro), micro))
             loss = loss_sum / n_micro
             grads = jax.tree_util.tree_map(lambda g: g / n_micro, grad_sum)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)

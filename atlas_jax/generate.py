@@ -1,0 +1,221 @@
+"""Generate text from a trained run: stream to the terminal, print JSON lines, or chat in a REPL.
+
+    python -m atlas_jax.generate --checkpoint runs/shakespeare --prompt "ROMEO:" --max-new-tokens 100
+    python -m atlas_jax.generate --checkpoint runs/shakespeare --prompts-file prompts.txt --jsonl
+    echo "JULIET:" | python -m atlas_jax.generate --checkpoint runs/shakespeare/checkpoints/2000
+    python -m atlas_jax.generate --checkpoint runs/shakespeare --interactive
+
+Sampling defaults come from the checkpoint's config (sample.*); each flag overrides its namesake.
+A prompt is its text's tokens, without BOS (training documents carry no BOS, only a trailing EOS);
+a row stops at EOS or after --max-new-tokens. A --prompts-file holds one prompt per line; stdin
+(when neither --prompt nor --prompts-file is given) is one prompt. Prompt i, sample j draws with
+fold_in(fold_in(key(seed), i), j), so streaming and --jsonl print the same samples.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from atlas_jax.errors import AtlasError, run_cli
+
+BOLD, RESET = "\x1b[1m", "\x1b[0m"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m atlas_jax.generate", description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint step directory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--prompt", help="the prompt text")
+    src.add_argument("--prompts-file", type=Path, help="a UTF-8 file with one prompt per line")
+    src.add_argument("--interactive", action="store_true", help="read prompts line by line until EOF (Ctrl-D)")
+    p.add_argument("--max-new-tokens", type=int, help="sample.max_new_tokens")
+    p.add_argument("--temperature", type=float, help="sample.temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, help="sample.top_k (0 disables)")
+    p.add_argument("--top-p", type=float, help="sample.top_p (1 disables)")
+    p.add_argument("--seed", type=int, help="sample.seed")
+    p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--jsonl", action="store_true",
+                   help="print one JSON object per sample: {prompt, completion, tokens, tokens_per_s}")
+    return p.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompt texts of a non-interactive run; an empty one is an AtlasError."""
+    if args.prompt is not None:
+        prompts, where = [args.prompt], ["--prompt"]
+    elif args.prompts_file is not None:
+        try:
+            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise AtlasError(f"{args.prompts_file}: cannot read the prompts file ({getattr(e, 'strerror', None) or e})") from None
+        if not lines:
+            raise AtlasError(f"{args.prompts_file}: no prompts in the file (one prompt per line)")
+        prompts, where = lines, [f"{args.prompts_file}:{i + 1}" for i in range(len(lines))]
+    elif sys.stdin.isatty():
+        raise AtlasError("no prompt: give --prompt TEXT, --prompts-file FILE, pipe text on stdin, or --interactive")
+    else:
+        text = sys.stdin.read()
+        prompts, where = [text[:-1] if text.endswith("\n") else text], ["stdin"]
+    for prompt, w in zip(prompts, where):
+        if not prompt:
+            raise AtlasError(f"{w}: the prompt is empty; give some text to continue")
+    return prompts
+
+
+class TextStream:
+    """Token ids in, newly printable text out; holds back a UTF-8 character split across tokens."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.shown = 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete character (byte pieces): wait for the rest
+            return ""
+        new, self.shown = text[self.shown:], len(text)
+        return new
+
+    def flush(self) -> str:
+        return self.tokenizer.decode(self.ids)[self.shown:]
+
+
+class Session:
+    """A loaded checkpoint and tokenizer, and the sampling settings of this command."""
+
+    def __init__(self, args: argparse.Namespace):
+        from atlas_jax.checkpoint import load_for_inference
+        from atlas_jax.sample import check_sample_config
+        from atlas_jax.tokenizer import Tokenizer
+
+        if args.num_samples < 1:
+            raise AtlasError(f"--num-samples must be positive, got {args.num_samples}")
+        self.params, cfg, tokenizer_path = load_for_inference(args.checkpoint)
+        self.model_cfg = cfg.model
+        self.tokenizer = Tokenizer.load(tokenizer_path)
+        flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
+                 "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+        self.sample_cfg = dataclasses.replace(cfg.sample, **{k: v for k, v in flags.items() if v is not None})
+        check_sample_config(self.sample_cfg)
+        self.num_samples = args.num_samples
+        self.key = jax.random.key(self.sample_cfg.seed)
+        self.tty = sys.stdout.isatty()
+
+    def sample_keys(self, prompt_index: int) -> jax.Array:
+        """[num_samples] keys: fold_in(fold_in(key, prompt_index), j), what `generate` derives per row."""
+        prompt_key = jax.random.fold_in(self.key, prompt_index)
+        return jax.vmap(jax.random.fold_in, (None, 0))(prompt_key, np.arange(self.num_samples))
+
+    def run_jsonl(self, prompt: str, prompt_index: int) -> Iterator[dict]:
+        """Every sample of one prompt in one batch -> one dict per sample."""
+        from atlas_jax.sample import generate
+
+        ids = self.tokenizer.encode(prompt)
+        start = time.perf_counter()
+        tokens_BxN, lengths_B = generate(
+            self.params, [ids] * self.num_samples, self.sample_keys(prompt_index), self.sample_cfg,
+            self.model_cfg, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+        tokens_BxN, lengths_B = jax.device_get((tokens_BxN, lengths_B))
+        elapsed = time.perf_counter() - start
+        for row, n in zip(tokens_BxN, lengths_B):
+            new = [int(t) for t in row[:n]]
+            yield {"prompt": prompt, "completion": self.tokenizer.decode(new), "tokens": new,
+                   "tokens_per_s": round(int(n) / elapsed, 2)}
+
+    def run_stream(self, prompt: str, prompt_index: int) -> np.ndarray:
+        """Print each sample of one prompt as it is generated -> [tokens, seconds, decode tokens, decode seconds].
+
+        The decode rate is timed from each sample's first token on: before it come the prefill and,
+        the first time a shape is seen, the compiles.
+        """
+        from atlas_jax.sample import stream
+
+        ids = self.tokenizer.encode(prompt)
+        keys = self.sample_keys(prompt_index)
+        totals = np.zeros(4)
+        for j in range(self.num_samples):
+            if j:
+                print(flush=True)
+            start = first = time.perf_counter()
+            steps = stream(self.params, [ids], keys[j:j + 1], self.sample_cfg, self.model_cfg,
+                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)  # checks before printing
+            sys.stdout.write(f"{BOLD}{prompt}{RESET}" if self.tty else prompt)
+            sys.stdout.flush()
+            text = TextStream(self.tokenizer)
+            n = 0
+            for tokens_B, _ in steps:
+                n += 1
+                if n == 1:
+                    first = time.perf_counter()
+                sys.stdout.write(text.push(int(tokens_B[0])))
+                sys.stdout.flush()
+            sys.stdout.write(text.flush() + "\n")
+            sys.stdout.flush()
+            end = time.perf_counter()
+            totals += (n, end - start, n - 1, end - first)
+        return totals
+
+
+def report_speed(totals: np.ndarray) -> None:
+    tokens, seconds, decode_tokens, decode_seconds = totals
+    rate = f"{decode_tokens / decode_seconds:.1f}" if decode_seconds > 0 else "n/a"
+    print(f"{int(tokens)} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):.1f} tokens/s with prefill and "
+          f"compile; decode {rate} tokens/s)", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts = None if args.interactive else read_prompts(args)
+    session = Session(args)
+    if args.interactive:
+        return interactive(session, args.jsonl)
+    totals = np.zeros(4)
+    for i, prompt in enumerate(prompts):
+        if args.jsonl:
+            for record in session.run_jsonl(prompt, i):
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            continue
+        if i:
+            print()
+        totals += session.run_stream(prompt, i)
+    if not args.jsonl:
+        report_speed(totals)
+    return 0
+
+
+def interactive(session: Session, jsonl: bool) -> int:
+    """A REPL: each line is a prompt; an empty line is ignored; EOF ends it; Ctrl-C stops one generation."""
+    i = 0
+    while True:
+        try:
+            line = input("> " if sys.stdin.isatty() else "")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if not line:
+            continue
+        try:
+            if jsonl:
+                for record in session.run_jsonl(line, i):
+                    print(json.dumps(record, ensure_ascii=False), flush=True)
+            else:
+                report_speed(session.run_stream(line, i))
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        except AtlasError as e:  # e.g. a prompt too long for the model: say so and keep going
+            print(f"error: {e}", file=sys.stderr)
+        i += 1
+
+
+if __name__ == "__main__":
+    run_cli(main)

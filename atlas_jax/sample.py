@@ -1,0 +1,309 @@
+"""Sampling with the KV cache: jitted whole-loop `generate`, step-by-step `stream`, logit filters.
+
+    tokens_BxN, lengths_B = generate(params, [[1, 45, 9], [1, 7]], jax.random.key(0), sample_cfg, model_cfg,
+                                     eos_id=tok.eos_id, pad_id=tok.pad_id)
+
+How a batch runs:
+- Prompts of different lengths are LEFT-padded to a common bucket (a power of two, at least 16, at
+  most model.max_seq_len); pads get position -1, which `Transformer.decode` never attends to, so each
+  row generates what its prompt would alone. The cache holds bucket + max_new_tokens slots, rounded
+  up to a multiple of 64. A new prompt length compiles again only when it lands in a new bucket.
+- One `Transformer.decode` call prefills the whole padded block, then each step feeds the previous
+  token (T == 1) and samples the next, inside `lax.while_loop`, which ends as soon as every row is
+  done. A row is done after it emits `eos_id` (the EOS is part of its output and its length) or
+  max_new_tokens tokens; afterwards it emits `pad_id` and its length stops growing.
+- Randomness: row b draws step i with fold_in(fold_in(key, b), i), or fold_in(keys[b], i) when a key
+  per row is given. A row's tokens thus depend on its prompt and key only, not on the batch around it,
+  and `stream` and `generate` draw identical tokens.
+- Sampling order: logits / temperature -> top-k -> top-p (on the top-k survivors' renormalised
+  probabilities) -> categorical. temperature == 0 is greedy argmax (first index on exact ties), which
+  the filters cannot change.
+
+Ties, by value, so a kept set never depends on the order a sort leaves equal logits in:
+- `top_k_filter` keeps every token whose logit >= the k-th largest logit: all tokens tied with the
+  k-th are kept, so more than k may survive.
+- `top_p_filter` sorts probabilities in descending order and finds the shortest prefix whose mass
+  reaches p (the tokens whose exclusive cumulative mass is < p); it then keeps every token whose logit
+  >= the last logit of that prefix, i.e. ties with the cut-off token are kept as well.
+
+An empty prompt is an error here (the caller decides whether a prompt starts with BOS), and so is
+a prompt that with max_new_tokens would run past model.max_seq_len.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from atlas_jax.config import ModelConfig, SampleConfig
+from atlas_jax.errors import AtlasError, ConfigError
+from atlas_jax.model import Transformer, init_cache
+
+Array = jax.Array
+PyTree = Any
+
+MIN_BUCKET = 16
+CACHE_MULTIPLE = 64
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def top_k_filter(logits: Array, k: int) -> Array:
+    """Logits with every token below the k-th largest (last axis) set to -inf; ties with it are kept.
+
+    k is a Python int; k <= 0 or k >= V keeps everything.
+    """
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = jax.lax.top_k(logits, k)[0][..., -1:]
+    return jnp.where(logits >= kth, logits, -jnp.inf)
+
+
+def top_p_filter(logits: Array, p: float) -> Array:
+    """Logits outside the nucleus of mass p (last axis) set to -inf; ties with the cut-off are kept.
+
+    The nucleus is the shortest run of most-probable tokens whose probability reaches p, widened to
+    every token whose logit equals the smallest one in it. -inf entries (e.g. from top-k) stay out;
+    p >= 1 keeps everything.
+    """
+    if isinstance(p, (int, float)) and p >= 1.0:
+        return logits
+    sorted_desc = jnp.flip(jnp.sort(logits, axis=-1), axis=-1)
+    probs = jax.nn.softmax(sorted_desc.astype(jnp.float32), axis=-1)
+    cum = jnp.cumsum(probs, axis=-1)
+    mass_before = jnp.concatenate([jnp.zeros_like(cum[..., :1]), cum[..., :-1]], axis=-1)
+    n_kept = jnp.sum(mass_before < p, axis=-1, keepdims=True)  # >= 1 for any p > 0
+    cutoff = jnp.take_along_axis(sorted_desc, n_kept - 1, axis=-1)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def sample_token(logits_BxV: Array, keys_B: Array, temperature: float, top_k: int = 0,
+                 top_p: float = 1.0) -> Array:
+    """One token per row: argmax when temperature == 0, else a draw from the filtered softmax.
+
+    keys_B holds one PRNG key per row; temperature, top_k and top_p are Python numbers (static).
+    """
+    if temperature == 0:
+        return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    logits = logits_BxV.astype(jnp.float32) / temperature
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
+    return jax.vmap(jax.random.categorical)(keys_B, logits).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------- shapes + checks
+
+
+def prompt_bucket(length: int, max_seq_len: int) -> int:
+    """The padded prompt length: the next power of two >= length (at least 16), capped at max_seq_len."""
+    return min(max(MIN_BUCKET, 1 << max(length - 1, 0).bit_length()), max(max_seq_len, length))
+
+
+def cache_length(bucket: int, max_new_tokens: int) -> int:
+    return CACHE_MULTIPLE * math.ceil((bucket + max_new_tokens) / CACHE_MULTIPLE)
+
+
+def check_sample_config(s: SampleConfig) -> None:
+    if s.temperature < 0:
+        raise ConfigError(f"sample.temperature must be >= 0 (0 = greedy), got {s.temperature}")
+    if s.top_k < 0:
+        raise ConfigError(f"sample.top_k must be >= 0 (0 disables it), got {s.top_k}")
+    if not 0.0 < s.top_p <= 1.0:
+        raise ConfigError(f"sample.top_p must be in (0, 1] (1 disables it), got {s.top_p}")
+    if s.max_new_tokens < 1:
+        raise ConfigError(f"sample.max_new_tokens must be positive, got {s.max_new_tokens}")
+
+
+def check_prompt_lengths(lengths: Sequence[int], max_new_tokens: int, max_seq_len: int) -> None:
+    """AtlasError for an empty prompt, or one that with max_new_tokens passes max_seq_len."""
+    for i, n in enumerate(lengths):
+        if n == 0:
+            raise AtlasError(f"prompt {i} is empty: give at least one token (e.g. the tokenizer's BOS)")
+    longest = max(lengths)
+    if longest + max_new_tokens > max_seq_len:
+        room = max_seq_len - longest
+        fix = (f"lower max_new_tokens (sample.max_new_tokens, --max-new-tokens) to at most {room} or shorten the prompt"
+               if room > 0 else f"shorten the prompt to fewer than {max_seq_len} tokens")
+        raise AtlasError(f"prompt of {longest} token(s) + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} "
+                         f"exceeds the model's max_seq_len={max_seq_len}; {fix}")
+
+
+class _Frozen:
+    """A config dataclass as a jit static argument: hashed and compared by value."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._key = (type(cfg), dataclasses.astuple(cfg))
+
+    def __hash__(self):
+        return hash(self._key)
+
+    def __eq__(self, other):
+        return isinstance(other, _Frozen) and self._key == other._key
+
+
+class _Plan(NamedTuple):
+    """What a step compiles in besides the model (max_new_tokens only shapes generate's output)."""
+    temperature: float
+    top_k: int
+    top_p: float
+    cache_len: int
+    eos_id: int  # -1: no EOS stop
+    pad_id: int
+
+
+class _Prepared(NamedTuple):
+    tokens_BxP: np.ndarray
+    positions_BxP: np.ndarray
+    key: Array  # one key, or one per row
+    model: _Frozen
+    plan: _Plan
+    max_new_tokens: int
+
+
+def _prepare(prompt_tokens, key, sample_cfg: SampleConfig, model_cfg: ModelConfig,
+             eos_id: int | None, pad_id: int | None) -> _Prepared:
+    check_sample_config(sample_cfg)
+    prompts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompt_tokens]
+    if not prompts:
+        raise AtlasError("no prompts to generate from")
+    lengths = [len(p) for p in prompts]
+    n_new = sample_cfg.max_new_tokens
+    check_prompt_lengths(lengths, n_new, model_cfg.max_seq_len)
+    for i, p in enumerate(prompts):
+        bad = p[(p < 0) | (p >= model_cfg.vocab_size)]
+        if bad.size:
+            raise AtlasError(f"prompt {i} holds token id {int(bad[0])}, outside the model's vocabulary "
+                             f"[0, {model_cfg.vocab_size}); was it encoded with the run's tokenizer?")
+    bucket = prompt_bucket(max(lengths), model_cfg.max_seq_len)
+    tokens = np.zeros((len(prompts), bucket), np.int32)
+    positions = np.full((len(prompts), bucket), -1, np.int32)
+    for b, p in enumerate(prompts):
+        tokens[b, bucket - len(p):] = p
+        positions[b, bucket - len(p):] = np.arange(len(p))
+    eos = -1 if eos_id is None else int(eos_id)
+    pad = int(pad_id) if pad_id is not None else max(eos, 0)
+    plan = _Plan(float(sample_cfg.temperature), int(sample_cfg.top_k), float(sample_cfg.top_p),
+                 cache_length(bucket, n_new), eos, pad)
+    typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if key.shape not in ([(), (len(prompts),)] if typed else [(2,), (len(prompts), 2)]):
+        raise AtlasError(f"expected one PRNG key or {len(prompts)} keys (one per prompt), got key shape {key.shape}")
+    return _Prepared(tokens, positions, key, _Frozen(model_cfg), plan, n_new)
+
+
+def _row_keys(key, batch: int) -> Array:
+    """One typed key per row: fold_in(key, b) for a single key, or the given [B] keys."""
+    if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)
+    if key.ndim == 0:
+        return jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(batch))
+    return key
+
+
+# --------------------------------------------------------------------------- the steps
+
+
+class _Carry(NamedTuple):
+    cache: PyTree
+    pos_B: Array  # the position of each row's next token
+    done_B: Array
+    keys_B: Array  # each row's PRNG key; step i draws with fold_in(keys_B[b], i)
+
+
+def _prefill(params, tokens_BxP, positions_BxP, key, model: _Frozen, plan: _Plan) -> tuple[_Carry, Array]:
+    """Run the padded prompts into a fresh cache -> (carry, logits_BxV of each row's next token)."""
+    b = tokens_BxP.shape[0]
+    cache = init_cache(model.cfg, b, plan.cache_len)
+    logits_BxPxV, cache = Transformer(model.cfg).apply({"params": params}, tokens_BxP, positions_BxP, cache,
+                                                       method=Transformer.decode)
+    # Left padding puts every row's last prompt token in the last column.
+    carry = _Carry(cache, positions_BxP[:, -1] + 1, jnp.zeros(b, bool), _row_keys(key, b))
+    return carry, logits_BxPxV[:, -1]
+
+
+def _step(params, carry: _Carry, logits_BxV, step, model: _Frozen, plan: _Plan):
+    """Draw token `step` from logits_BxV, then run it through the model for the next step's logits.
+
+    -> (carry, next logits_BxV, token_B, active_B). A finished row emits pad_id (active False); a row
+    is done once it has emitted eos_id. The last step's model call is wasted: one decode step per
+    call, so the loop body holds one copy of the model and one of the sampler (half the compile).
+    """
+    keys_B = jax.vmap(jax.random.fold_in, (0, None))(carry.keys_B, step)
+    sampled_B = sample_token(logits_BxV, keys_B, plan.temperature, plan.top_k, plan.top_p)
+    active_B = ~carry.done_B
+    token_B = jnp.where(active_B, sampled_B, plan.pad_id)
+    done_B = carry.done_B | (token_B == plan.eos_id)
+    logits_Bx1xV, cache = Transformer(model.cfg).apply(
+        {"params": params}, token_B[:, None], carry.pos_B[:, None], carry.cache, method=Transformer.decode)
+    carry = carry._replace(cache=cache, pos_B=carry.pos_B + 1, done_B=done_B)
+    return carry, logits_Bx1xV[:, 0], token_B, active_B
+
+
+@jax.jit(static_argnums=(4, 5, 6))
+def generate_padded(params, tokens_BxP, positions_BxP, key, model: _Frozen, plan: _Plan, max_new_tokens: int):
+    """The jitted whole loop over prepared (padded) prompts -> (tokens_BxN, lengths_B)."""
+    b, n = tokens_BxP.shape[0], max_new_tokens
+    carry, logits_BxV = _prefill(params, tokens_BxP, positions_BxP, key, model, plan)
+
+    def cond(state):
+        i, carry, *_ = state
+        return (i < n) & ~jnp.all(carry.done_B)
+
+    def body(state):
+        i, carry, logits_BxV, out_BxN, lengths_B = state
+        carry, logits_BxV, token_B, active_B = _step(params, carry, logits_BxV, i, model, plan)
+        out_BxN = jax.lax.dynamic_update_slice(out_BxN, token_B[:, None], (0, i))
+        return i + 1, carry, logits_BxV, out_BxN, lengths_B + active_B
+
+    state = (jnp.array(0, jnp.int32), carry, logits_BxV, jnp.full((b, n), plan.pad_id, jnp.int32),
+             jnp.zeros(b, jnp.int32))
+    _, _, _, out_BxN, lengths_B = jax.lax.while_loop(cond, body, state)
+    return out_BxN, lengths_B
+
+
+_prefill_jit = jax.jit(_prefill, static_argnums=(4, 5))
+_step_jit = jax.jit(_step, static_argnums=(4, 5), donate_argnums=(1, 2))
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def generate(params: PyTree, prompt_tokens: Sequence[Sequence[int]], key: Array, sample_cfg: SampleConfig,
+             model_cfg: ModelConfig, *, eos_id: int | None = None, pad_id: int | None = None) -> tuple[Array, Array]:
+    """Generate up to sample_cfg.max_new_tokens tokens after each prompt.
+
+    prompt_tokens: B token-id lists, lengths may differ. key: one PRNG key, or B keys (one per row).
+    eos_id: stop a row once it emits this token (None: run to max_new_tokens). pad_id: what a
+    finished row emits (default eos_id, or 0). Returns (tokens_BxN int32, lengths_B int32): row b
+    generated tokens_BxN[b, :lengths_B[b]] (ending with eos_id when it stopped there); the rest is pad_id.
+    """
+    p = _prepare(prompt_tokens, key, sample_cfg, model_cfg, eos_id, pad_id)
+    return generate_padded(params, p.tokens_BxP, p.positions_BxP, p.key, p.model, p.plan, p.max_new_tokens)
+
+
+def stream(params: PyTree, prompt_tokens: Sequence[Sequence[int]], key: Array, sample_cfg: SampleConfig,
+           model_cfg: ModelConfig, *, eos_id: int | None = None,
+           pad_id: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`generate`, one step at a time: yields (tokens_B, active_B) numpy arrays per step.
+
+    active_B[b] says tokens_B[b] is a real token of row b (else pad_id: the row is done). Stops after
+    max_new_tokens steps or once every row is done. Same arguments and same tokens as `generate`;
+    a prefill jit and a jit of the loop's step, so each step costs one dispatch.
+    """
+    p = _prepare(prompt_tokens, key, sample_cfg, model_cfg, eos_id, pad_id)  # errors raise here, not at next()
+    return _stream_steps(params, p)
+
+
+def _stream_steps(params, p: _Prepared) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    carry, logits_BxV = _prefill_jit(params, p.tokens_BxP, p.positions_BxP, p.key, p.model, p.plan)
+    for step in range(p.max_new_tokens):
+        carry, logits_BxV, token_B, active_B = _step_jit(params, carry, logits_BxV, np.int32(step), p.model, p.plan)
+        token_np, active_np, done_np = jax.device_get((token_B, active_B, carry.done_B))
+        yield token_np, active_np
+        if done_np.all():
+            return

@@ -1,0 +1,117 @@
+"""Data parallel, FSDP and multi-process runs give the losses of a 1-device run with the same batch.
+
+Each runs in a subprocess: forced host devices (XLA_FLAGS) must be set before jax starts, and the
+2-process run needs two jax runtimes joined through jax.distributed on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+MESH_SCRIPT = r"""
+import json, sys
+import jax
+from atlas_jax.config import Config, DataConfig, ModelConfig, TrainConfig, resolve
+from atlas_jax.data.loader import make_train_iterator
+from atlas_jax.sharding import global_batch, make_mesh
+from atlas_jax.train_step import create_sharded_state, make_train_step
+
+data_dir = sys.argv[1]
+assert jax.device_count() == 8, jax.devices()
+cfg = resolve(Config(
+    model=ModelConfig(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=32),
+    data=DataConfig(seq_len=32),
+    train=TrainConfig(batch_size=16, microbatches=2, steps=5, lr=3e-3, warmup_steps=2, min_lr=3e-4, seed=0)))
+it = make_train_iterator(data_dir, 32, 16, 0)
+batches = [next(it) for _ in range(5)]
+out = {}
+for name, shape, devices in [("1x1", (1, 1), jax.devices()[:1]), ("8x1", (8, 1), None),
+                             ("1x8", (1, 8), None), ("2x4", (2, 4), None)]:
+    mesh = make_mesh(shape, devices)
+    state, shardings = create_sharded_state(cfg, mesh)
+    step = make_train_step(cfg, mesh, shardings)
+    losses = []
+    for b in batches:
+        state, m = step(state, global_batch(b, mesh))
+        losses.append(float(m["loss"]))
+    emb = state["params"]["embed"]["embedding"]
+    out[name] = {"losses": losses, "embed_spec": str(emb.sharding.spec),
+                 "embed_shard_shape": list(emb.addressable_shards[0].data.shape)}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    env["JAX_PLATFORMS"] = "cpu"
+    env.update(extra)
+    return env
+
+
+def test_data_parallel_and_fsdp_match_one_device(shakespeare_data_dir):
+    proc = subprocess.run([sys.executable, "-c", MESH_SCRIPT, str(shakespeare_data_dir)],
+                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    out = json.loads(line[len("RESULT "):])
+    ref = np.array(out["1x1"]["losses"])
+    for name in ("8x1", "1x8", "2x4"):
+        got = np.array(out[name]["losses"])
+        worst = np.max(np.abs(got - ref))
+        assert worst <= 1e-5, f"mesh {name}: losses {got} vs 1 device {ref}, max |diff| {worst:.2e}"
+    # FSDP really shards: each device holds 1/8 (1x8) or 1/4 (2x4) of the [512, 64] embedding.
+    assert "fsdp" in out["1x8"]["embed_spec"] and out["1x8"]["embed_shard_shape"] == [64, 64], out["1x8"]
+    assert out["2x4"]["embed_shard_shape"] == [128, 64], out["2x4"]
+    assert out["8x1"]["embed_shard_shape"] == [512, 64], out["8x1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def test_two_processes_match_one_process(tmp_path, shakespeare_data_dir, shakespeare_tokenizer):
+    common = ["--config", "configs/tiny.yaml", "--no-progress", "--no-samples",
+              f"data.data_dir={shakespeare_data_dir}", f"data.tokenizer={shakespeare_tokenizer.path}",
+              "train.steps=5", "train.log_interval=1", "train.eval_interval=5", "train.checkpoint_interval=5",
+              "train.batch_size=8", "model.max_seq_len=32", "data.seq_len=32"]
+    single = tmp_path / "single"
+    proc = subprocess.run([sys.executable, "-m", "atlas_jax.train", *common, f"train.run_dir={single}"],
+                          env=_env(), capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    multi = tmp_path / "multi"
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "atlas_jax.train", *common, f"train.run_dir={multi}",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+        env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i}: {err[-3000:]}"
+    assert "'data': 2" in outs[0][1], "the 2-process run should see 2 devices on its data axis"
+    want, got = _losses(single), _losses(multi)
+    assert sorted(got) == [1, 2, 3, 4, 5]
+    for s in want:
+        assert abs(got[s] - want[s]) <= 1e-5, f"step {s}: 2 processes {got[s]} vs 1 process {want[s]}"
+    assert (multi / "checkpoints" / "5").is_dir(), "the 2-process run wrote no checkpoint"

@@ -1,0 +1,207 @@
+"""The trainer, end to end through `python -m atlas_jax.train`: exact resume after kill -9,
+SIGTERM saves, non-finite steps, --fresh, and errors that are one line and keep checkpoints intact."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from atlas_jax import checkpoint as ckpt
+from atlas_jax.config import Config, DataConfig, ModelConfig, TrainConfig, resolve
+from atlas_jax.sharding import make_mesh
+from atlas_jax.train_step import create_sharded_state, make_train_step
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def base_args(shakespeare_data_dir, shakespeare_tokenizer):
+    return ["--config", "configs/tiny.yaml", "--no-progress", "--no-samples",
+            f"data.data_dir={shakespeare_data_dir}", f"data.tokenizer={shakespeare_tokenizer.path}",
+            "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=8", "train.eval_batches=1"]
+
+
+def run_train(args, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", "atlas_jax.train", *args], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """Per-step train loss from metrics.jsonl; a resumed run re-logs steps and the last record wins."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, f"expected exit 2, got {proc.returncode}: {proc.stderr[-2000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, proc.stderr
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def test_resume_after_kill_is_bit_exact(tmp_path, base_args):
+    """8 steps straight == 4 steps, a checkpoint, kill -9 at step 6, resume, the rest: bit for bit."""
+    args = base_args + ["train.steps=8", "train.checkpoint_interval=4", "train.log_interval=1",
+                        "train.eval_interval=100", "train.microbatches=2", "model.dropout=0.1"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    proc = run_train(args + [f"train.run_dir={straight}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    proc = run_train(args + [f"train.run_dir={killed}"], {"ATLAS_FAULT_KILL_AT_STEP": "6"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+    proc = run_train(args + [f"train.run_dir={killed}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr
+
+    a, b = step_losses(straight), step_losses(killed)
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for s in a:
+        assert a[s] == b[s], f"step {s}: loss {b[s]!r} after resume vs {a[s]!r} straight"
+    pa, _, _ = ckpt.load_for_inference(straight)
+    pb, _, _ = ckpt.load_for_inference(killed)
+    for (path, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(pa)[0], jax.tree_util.tree_flatten_with_path(pb)[0]):
+        assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)}: max |diff| {np.max(np.abs(x - y)):.3g}"
+
+
+def test_sigterm_saves_a_checkpoint_then_exits(tmp_path, base_args):
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "atlas_jax.train", *base_args, f"train.run_dir={run_dir}",
+                             "train.steps=100000", "train.log_interval=1", "train.checkpoint_interval=100000",
+                             "train.eval_interval=100000"],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    metrics = run_dir / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "checkpoint saved" in err
+    steps = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(steps) == 1 and steps[0] >= 3, steps
+    assert max(step_losses(run_dir)) == steps[0]
+
+
+def test_nonfinite_updates_are_skipped_and_counted():
+    cfg = resolve(Config(model=ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=2, max_seq_len=8),
+                         data=DataConfig(seq_len=8), train=TrainConfig(batch_size=2, mesh=[1, 1])))
+    mesh = make_mesh([1, 1], jax.devices()[:1])
+    state, shardings = create_sharded_state(cfg, mesh)
+    step = make_train_step(cfg, mesh, shardings)
+    batch = {"inputs": np.zeros((2, 8), np.int32), "targets": np.ones((2, 8), np.int32)}
+    state, m = step(state, batch)
+    assert int(m["skipped"]) == 0 and int(state["bad_steps"]) == 0
+    poisoned = jax.tree_util.tree_map(lambda x: x, state)
+    poisoned["params"]["final_norm"]["scale"] = poisoned["params"]["final_norm"]["scale"].at[0].set(np.nan)
+    before = jax.device_get(poisoned)
+    after, m = step(poisoned, batch)
+    after = jax.device_get(after)
+    assert int(m["skipped"]) == 1 and int(after["bad_steps"]) == 1 and int(after["step"]) == 2
+    for (path, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(before["params"])[0],
+                                 jax.tree_util.tree_flatten_with_path(after["params"])[0]):
+        assert np.array_equal(x, y, equal_nan=True), f"{jax.tree_util.keystr(path)} changed on a skipped step"
+    assert np.array_equal(jax.tree_util.tree_leaves(before["opt_state"])[1], jax.tree_util.tree_leaves(after["opt_state"])[1])
+
+
+def test_nonfinite_run_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, base_args):
+    run_dir = tmp_path / "run"
+    # lr 1e30 makes the first update finite but the params enormous: every later gradient overflows.
+    proc = run_train(base_args + [f"train.run_dir={run_dir}", "train.lr=1e30", "train.min_lr=0",
+                                  "train.warmup_steps=0", "train.steps=50", "train.log_interval=1",
+                                  "train.checkpoint_interval=1", "train.max_nonfinite_steps=3",
+                                  "train.eval_interval=1000"])
+    assert_one_line_error(proc, "non-finite", "train.lr")
+    skipped = {r["step"]: r["skipped"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert skipped == {1: 0, 2: 1, 3: 1, 4: 1}, skipped
+    params, _, _ = ckpt.load_for_inference(run_dir)  # the newest checkpoint loads, with finite params
+    assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(params))
+
+
+def test_fresh_moves_the_old_run_aside(tmp_path, base_args):
+    run_dir = tmp_path / "run"
+    args = base_args + [f"train.run_dir={run_dir}", "train.steps=2", "train.checkpoint_interval=2",
+                        "train.eval_interval=2", "train.log_interval=1"]
+    assert run_train(args).returncode == 0
+    proc = run_train(args + ["--fresh"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed" not in proc.stderr and (tmp_path / "run.old1" / "checkpoints" / "2").is_dir()
+
+
+def test_checkpoint_of_another_shape_is_a_clear_error(tmp_path, base_args):
+    run_dir = tmp_path / "run"
+    args = base_args + [f"train.run_dir={run_dir}", "train.steps=2", "train.checkpoint_interval=2",
+                        "train.eval_interval=2"]
+    assert run_train(args).returncode == 0
+    proc = run_train(args + ["model.d_model=32", "train.steps=4"])
+    assert_one_line_error(proc, "different model", "d_model: checkpoint 64 vs config 32")
+    assert (run_dir / "checkpoints" / "2").is_dir()
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, base_args):
+    run_dir = tmp_path / "run"
+    args = base_args + [f"train.run_dir={run_dir}", "train.steps=2", "train.checkpoint_interval=2",
+                        "train.eval_interval=2"]
+    assert run_train(args).returncode == 0
+    step_dir = run_dir / "checkpoints" / "2"
+    for f in (step_dir / "params").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
+            f.write_bytes(b"\x00garbage" * 8)
+    proc = run_train(args + ["train.steps=4"])
+    assert_one_line_error(proc, str(step_dir), "corrupt")
+    proc = subprocess.run([sys.executable, "-c", "from atlas_jax.checkpoint import load_for_inference as l; "
+                           f"from atlas_jax.errors import run_cli; run_cli(lambda: l({str(step_dir)!r}) and 0)"],
+                          capture_output=True, text=True, cwd=REPO)
+    assert_one_line_error(proc, "corrupt")
+
+
+@pytest.mark.parametrize("override,needles", [
+    (["model.d_modle=64"], ["unknown key 'd_modle'", "d_model"]),
+    (["model.n_heads=5"], ["n_heads=5 does not divide model.d_model=64"]),
+    (["train.lr=fast"], ["train.lr", "expected float"]),
+    (["train.microbatches=3"], ["microbatches=3 does not divide"]),
+])
+def test_bad_config_is_one_line(override, needles, base_args):
+    proc = run_train(base_args + override, timeout=120)
+    assert_one_line_error(proc, *needles)
+
+
+def test_missing_config_file_is_one_line():
+    proc = run_train(["--config", "configs/nope.yaml"], timeout=120)
+    assert_one_line_error(proc, "configs/nope.yaml", "not found")
+
+
+def test_summary_loss_curve_and_tensorboard(tmp_path, base_args):
+    run_dir = tmp_path / "run"
+    proc = run_train(base_args + [f"train.run_dir={run_dir}", "train.steps=6", "train.eval_interval=3",
+                                  "train.log_interval=2", "train.checkpoint_interval=3"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for key in ("train loss", "val loss", "val bits/byte", "tokens seen", "tokens/s", "MFU"):
+        assert key in proc.stdout, proc.stdout
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert any((run_dir / "tb").iterdir())
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "val_bpb" in r] == [3, 6]
+    assert (run_dir / "config.yaml").is_file()
+    from atlas_jax.config import load_config
+    assert load_config(run_dir / "config.yaml").model.d_model == 64
