@@ -31,7 +31,8 @@ BOLD, RESET = "\x1b[1m", "\x1b[0m"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m atlas_jax.generate", description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="a run directory (its latest checkpoint) or a checkpoint step directory")
+    p.add_argument("--checkpoint", required=True,
+                   help="a run directory (its latest checkpoint) or a checkpoint step directory")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="the prompt text")
     src.add_argument("--prompts-file", type=Path, help="a UTF-8 file with one prompt per line")
@@ -53,9 +54,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
         prompts, where = [args.prompt], ["--prompt"]
     elif args.prompts_file is not None:
         try:
-            lines = args.prompts_file.read_text(encoding="utf-8").splitlines()
+            text = args.prompts_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise AtlasError(f"{args.prompts_file}: cannot read the prompts file ({getattr(e, 'strerror', None) or e})") from None
+            why = getattr(e, "strerror", None) or e
+            raise AtlasError(f"{args.prompts_file}: cannot read the prompts file ({why})") from None
+        lines = [line.removesuffix("\r") for line in text.removesuffix("\n").split("\n")] if text else []
         if not lines:
             raise AtlasError(f"{args.prompts_file}: no prompts in the file (one prompt per line)")
         prompts, where = lines, [f"{args.prompts_file}:{i + 1}" for i in range(len(lines))]
@@ -98,11 +101,13 @@ class Session:
         from atlas_jax.sample import check_sample_config
         from atlas_jax.tokenizer import Tokenizer
 
-        if args.num_samples < 1:
-            raise AtlasError(f"--num-samples must be positive, got {args.num_samples}")
-        self.params, cfg, tokenizer_path = load_for_inference(args.checkpoint)
+        params, cfg, tokenizer_path = load_for_inference(args.checkpoint)
+        self.params = jax.device_put(params)
         self.model_cfg = cfg.model
         self.tokenizer = Tokenizer.load(tokenizer_path)
+        if self.tokenizer.vocab_size != cfg.model.vocab_size:
+            raise AtlasError(f"{tokenizer_path} has {self.tokenizer.vocab_size} pieces but the checkpoint's "
+                             f"model.vocab_size={cfg.model.vocab_size}; put the run's own tokenizer.model beside it")
         flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                  "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
         self.sample_cfg = dataclasses.replace(cfg.sample, **{k: v for k, v in flags.items() if v is not None})
@@ -111,19 +116,22 @@ class Session:
         self.key = jax.random.key(self.sample_cfg.seed)
         self.tty = sys.stdout.isatty()
 
-    def sample_keys(self, prompt_index: int) -> jax.Array:
-        """[num_samples] keys: fold_in(fold_in(key, prompt_index), j), what `generate` derives per row."""
-        prompt_key = jax.random.fold_in(self.key, prompt_index)
-        return jax.vmap(jax.random.fold_in, (None, 0))(prompt_key, np.arange(self.num_samples))
+    def run(self, prompt: str, prompt_index: int, jsonl: bool) -> np.ndarray:
+        """Print every sample of one prompt -> the speed totals of `run_stream` (zeros for --jsonl)."""
+        if not jsonl:
+            return self.run_stream(prompt, prompt_index)
+        for record in self.run_jsonl(prompt, prompt_index):
+            print(json.dumps(record, ensure_ascii=False), flush=True)
+        return np.zeros(4)
 
     def run_jsonl(self, prompt: str, prompt_index: int) -> Iterator[dict]:
-        """Every sample of one prompt in one batch -> one dict per sample."""
+        """Every sample of one prompt in one batch (row j draws with fold_in(prompt key, j)) -> a dict each."""
         from atlas_jax.sample import generate
 
         ids = self.tokenizer.encode(prompt)
         start = time.perf_counter()
         tokens_BxN, lengths_B = generate(
-            self.params, [ids] * self.num_samples, self.sample_keys(prompt_index), self.sample_cfg,
+            self.params, [ids] * self.num_samples, jax.random.fold_in(self.key, prompt_index), self.sample_cfg,
             self.model_cfg, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
         tokens_BxN, lengths_B = jax.device_get((tokens_BxN, lengths_B))
         elapsed = time.perf_counter() - start
@@ -141,13 +149,14 @@ class Session:
         from atlas_jax.sample import stream
 
         ids = self.tokenizer.encode(prompt)
-        keys = self.sample_keys(prompt_index)
+        prompt_key = jax.random.fold_in(self.key, prompt_index)
         totals = np.zeros(4)
         for j in range(self.num_samples):
             if j:
                 print(flush=True)
             start = first = time.perf_counter()
-            steps = stream(self.params, [ids], keys[j:j + 1], self.sample_cfg, self.model_cfg,
+            key = jax.random.fold_in(prompt_key, j)[None]  # the key of row j in run_jsonl's batch
+            steps = stream(self.params, [ids], key, self.sample_cfg, self.model_cfg,
                            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)  # checks before printing
             sys.stdout.write(f"{BOLD}{prompt}{RESET}" if self.tty else prompt)
             sys.stdout.flush()
@@ -175,19 +184,17 @@ def report_speed(totals: np.ndarray) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.num_samples < 1:
+        raise AtlasError(f"--num-samples must be positive, got {args.num_samples}")
     prompts = None if args.interactive else read_prompts(args)
     session = Session(args)
     if args.interactive:
         return interactive(session, args.jsonl)
     totals = np.zeros(4)
     for i, prompt in enumerate(prompts):
-        if args.jsonl:
-            for record in session.run_jsonl(prompt, i):
-                print(json.dumps(record, ensure_ascii=False), flush=True)
-            continue
-        if i:
+        if i and not args.jsonl:
             print()
-        totals += session.run_stream(prompt, i)
+        totals += session.run(prompt, i, args.jsonl)
     if not args.jsonl:
         report_speed(totals)
     return 0
@@ -205,11 +212,9 @@ def interactive(session: Session, jsonl: bool) -> int:
         if not line:
             continue
         try:
-            if jsonl:
-                for record in session.run_jsonl(line, i):
-                    print(json.dumps(record, ensure_ascii=False), flush=True)
-            else:
-                report_speed(session.run_stream(line, i))
+            totals = session.run(line, i, jsonl)
+            if not jsonl:
+                report_speed(totals)
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
         except AtlasError as e:  # e.g. a prompt too long for the model: say so and keep going

@@ -253,6 +253,8 @@ class Transformer(nn.Module):
     def __call__(self, tokens_BxT: Array, deterministic: bool = True) -> Array:
         """Causal forward over whole sequences -> float32 logits_BxTxV."""
         b, t = tokens_BxT.shape
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} is longer than model.max_seq_len={self.cfg.max_seq_len}")
         positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         x = self._embed(tokens_BxT, positions_BxT, deterministic)
         for layer in self.layers:
@@ -265,7 +267,8 @@ class Transformer(nn.Module):
         positions_BxT: each token's position in its own sequence, -1 for padding (left-padded
         prompts): padding never serves as a key. The tokens land in cache slots
         [cache["index"], cache["index"] + T); a query sees the earlier slots holding real tokens.
-        Returns float32 logits_BxTxV and the updated cache.
+        Returns float32 logits_BxTxV and the updated cache. The caller sizes the cache: writing past
+        its last slot is not detected inside jit (sample.py checks lengths before it starts).
         """
         b, t = tokens_BxT.shape
         index = cache["index"]

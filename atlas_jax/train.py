@@ -7,6 +7,7 @@ summary. Side effects (files, logs, signals) live here; the step itself is in tr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -339,12 +340,22 @@ def summary(result: RunResult, cfg: Config, samples: list[str] | None = None) ->
 
 
 def _samples(result: RunResult, cfg: Config, n: int = 2) -> list[str]:
-    from atlas_jax.sample import sample_texts
+    """A few continuations of a newline from the final params, at the config's sample settings."""
+    from jax.experimental import multihost_utils
+
+    from atlas_jax.sample import generate
     from atlas_jax.tokenizer import Tokenizer
 
+    params = multihost_utils.process_allgather(result.state["params"], tiled=True)  # collective
+    if not _is_main():
+        return []
     tok = Tokenizer.load(result.run_dir / "tokenizer.model")
-    params = jax.device_get(result.state["params"])
-    return sample_texts(params, cfg, tok, ["\n"] * n, max_new_tokens=min(cfg.sample.max_new_tokens, 200))
+    prompt = tok.encode("\n")
+    new_tokens = min(cfg.sample.max_new_tokens, cfg.model.max_seq_len - len(prompt))
+    sample_cfg = dataclasses.replace(cfg.sample, max_new_tokens=new_tokens)
+    tokens, lengths = generate(params, [prompt] * n, jax.random.key(cfg.sample.seed), sample_cfg, cfg.model,
+                               eos_id=tok.eos_id, pad_id=tok.pad_id)
+    return [tok.decode(prompt + list(np.asarray(t[:l]))) for t, l in zip(tokens, lengths)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -366,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     result = train(cfg, fresh=args.fresh, progress=not args.no_progress)
     samples = None
-    if _is_main() and not args.no_samples and result.stopped == "done":
+    if not args.no_samples and result.stopped == "done":
         samples = _samples(result, cfg)
     if _is_main():
         print(summary(result, cfg, samples))
