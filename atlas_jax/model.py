@@ -27,7 +27,9 @@ Two entry points, sharing params:
 """
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -121,6 +123,15 @@ def einsum_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_
     return out.reshape(b, t, n, h)
 
 
+@functools.cache
+def _has_gpu() -> bool:
+    """cuDNN attention needs an NVIDIA GPU; elsewhere model.attention=cudnn runs the XLA kernel."""
+    if jax.default_backend() == "gpu":
+        return True
+    warnings.warn("model.attention=cudnn: no GPU here, using the XLA attention kernel instead", stacklevel=3)
+    return False
+
+
 def attention(q, k, v, mask_BxTxS: Array | None, impl: str) -> Array:
     """Causal (mask None) or masked attention; q [B,T,N,H], k/v [B,S,K,H], K divides N."""
     if impl == "einsum":
@@ -128,7 +139,7 @@ def attention(q, k, v, mask_BxTxS: Array | None, impl: str) -> Array:
             t, s = q.shape[1], k.shape[1]
             mask_BxTxS = jnp.broadcast_to(jnp.tril(jnp.ones((t, s), bool)), (q.shape[0], t, s))
         return einsum_attention(q, k, v, mask_BxTxS)
-    implementation = "cudnn" if impl == "cudnn" else "xla"
+    implementation = "cudnn" if impl == "cudnn" and _has_gpu() else "xla"
     if mask_BxTxS is None:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
     return jax.nn.dot_product_attention(q, k, v, mask=mask_BxTxS[:, None], implementation="xla")

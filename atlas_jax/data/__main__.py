@@ -1,4 +1,5 @@
-"""python -m atlas_jax.data prepare --input SRC... --out DIR [--tokenizer PATH | --vocab-size N] ..."""
+"""python -m atlas_jax.data prepare --input SRC... --out DIR [--tokenizer PATH | --vocab-size N] ...
+python -m atlas_jax.data seed tinyshakespeare PATH   (put a local copy of a known corpus in the cache)"""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--text-field", default=defaults.text_field, help=".jsonl: the field holding the text")
     s.add_argument("--workers", type=int, default=defaults.num_workers)
     s.add_argument("--force", action="store_true", help="tokenize again even when the shards are up to date")
+    seed = sub.add_parser("seed", help="copy a local file of a known corpus into the cache (checksum checked)")
+    seed.add_argument("name", help="a known corpus, e.g. tinyshakespeare")
+    seed.add_argument("path", help="the local copy")
     args = p.parse_args(argv)
+
+    if args.command == "seed":
+        from atlas_jax.data.corpora import seed_cache
+
+        print(f"seeded {seed_cache(args.name, args.path)}")
+        return 0
 
     if not 0.0 < args.val_fraction < 1.0:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")

@@ -24,6 +24,8 @@ quantized tensors placed in the AMX/repack ("extra") buffer types; plain CPU buf
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import importlib.util
 import itertools
 import os
 import pickle
@@ -244,7 +246,7 @@ def _encode(array: np.ndarray, qtype: QT) -> tuple[np.ndarray, QT | None]:
 # --------------------------------------------------------------------------- metadata
 
 
-def tokenizer_metadata(tokenizer_path: str | Path, vocab_size: int, add_bos: bool = True
+def tokenizer_metadata(tokenizer_path: str | Path, vocab_size: int, add_bos: bool = False
                        ) -> dict[str, tuple[Any, VT, VT | None]]:
     """tokenizer.ggml.* for llama.cpp's SPM tokenizer, so it splits text exactly as sentencepiece."""
     from sentencepiece import sentencepiece_model_pb2
@@ -311,12 +313,13 @@ def model_metadata(cfg: ModelConfig, ftype: str, name: str) -> dict[str, tuple[A
 
 def export_gguf(params: Mapping, model_cfg: ModelConfig, tokenizer_path: str | Path, out_path: str | Path,
                 ftype: str = "f32", name: str | None = None, write_output_for_tied: bool = False,
-                add_bos: bool = True) -> Path:
+                add_bos: bool = False) -> Path:
     """Write `params` (an Atlas model built from the resolved `model_cfg`) and its tokenizer as GGUF.
 
     The file appears at `out_path` only when complete (written under a temporary name, then renamed).
     Tied models omit output.weight (llama.cpp reuses token_embd) unless write_output_for_tied.
-    add_bos: llama.cpp prepends BOS to text prompts (tokenizer.ggml.add_bos_token).
+    add_bos: llama.cpp prepends BOS to text prompts (tokenizer.ggml.add_bos_token). Off by default:
+    Atlas trains on documents that end in EOS and never start with BOS, so prompts carry no BOS.
     """
     if ftype not in ALL_FTYPES:
         raise ExportError(f"--type '{ftype}' is not one of {', '.join(ALL_FTYPES)}")
@@ -428,6 +431,9 @@ def _run_child(job: str, **kwargs) -> Any:
     """Run `_JOBS[job](**kwargs)` (or "module:function") in a fresh interpreter; a native crash
     becomes a LlamaCppError naming the signal instead of taking the caller down."""
     what = kwargs.get("path") or kwargs.get("src")
+    if job in _JOBS and importlib.util.find_spec("llama_cpp") is None:
+        raise LlamaCppError(f"'{job}' needs llama-cpp-python, which is not installed; "
+                            f"pip install -e '.[llama-cpp]' (llama-cpp-python==0.3.36)")
     with tempfile.TemporaryDirectory(prefix="atlas-llamacpp-") as d:
         req, res = Path(d, "request.pkl"), Path(d, "result.pkl")
         req.write_bytes(pickle.dumps((job, kwargs)))
@@ -436,7 +442,9 @@ def _run_child(job: str, **kwargs) -> Any:
         code = "import sys; from atlas_jax.export.gguf import _child_main; _child_main(sys.argv[1], sys.argv[2])"
         proc = subprocess.run([sys.executable, "-c", code, str(req), str(res)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace")
-        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        lines = proc.stderr.strip().splitlines()
+        asserts = [ln.strip() for ln in lines if "GGML_ASSERT" in ln or "error" in ln.lower()]
+        tail = asserts[-1] if asserts else " | ".join(lines[-3:])
         if proc.returncode < 0:
             sig = signal.Signals(-proc.returncode).name
             raise LlamaCppError(f"llama.cpp crashed ({sig}) in '{job}' on {what}"
@@ -456,8 +464,6 @@ def _child_main(request: str, result: str) -> None:
         if job in _JOBS:
             fn = _JOBS[job]
         else:  # "module:function", for tests of the crash path
-            import importlib
-
             module, _, attr = job.partition(":")
             fn = getattr(importlib.import_module(module), attr)
         out = (True, fn(**kwargs))
@@ -494,8 +500,16 @@ def open_llama(path: str, n_ctx: int, logits_all: bool = True, n_threads: int = 
     return llm
 
 
+def _check_context(llm, n_tokens: int) -> None:
+    """Positions past the training context: gpt2's position table ends there (llama.cpp aborts)."""
+    n_ctx_train = llm._model.n_ctx_train()
+    if n_tokens > n_ctx_train:
+        raise ValueError(f"{n_tokens} tokens do not fit the model's context_length {n_ctx_train}")
+
+
 def _job_logits(path: str, seqs: list[list[int]], n_threads: int) -> list[np.ndarray]:
     llm = open_llama(path, n_ctx=max(len(s) for s in seqs), n_threads=n_threads)
+    _check_context(llm, max(len(s) for s in seqs))
     out = []
     for seq in seqs:
         llm.reset()
@@ -541,6 +555,7 @@ def _job_generate(path: str, prompt, n_tokens: int, greedy: bool, temperature: f
         prompt = _tokenize(path, [prompt], add_special=True)[0]  # BOS per the file's add_bos_token
     n_ctx = len(prompt) + n_tokens
     llm = open_llama(path, n_ctx=n_ctx, logits_all=greedy, n_threads=n_threads, seed=seed)
+    _check_context(llm, n_ctx)
     if not greedy:
         out = []
         for tok in llm.generate(prompt, temp=temperature, top_k=0, top_p=1.0, min_p=0.0, reset=True):
@@ -566,6 +581,7 @@ def _job_perplexity(path: str, tokens: np.ndarray, window: int, max_windows: int
     if n == 0:
         raise ValueError(f"{len(tokens)} tokens hold no {window}-token window")
     llm = open_llama(path, n_ctx=window, n_threads=n_threads)
+    _check_context(llm, window)
     total, count = 0.0, 0
     for w in range(n):
         seq = tokens[w * window:(w + 1) * window].tolist()

@@ -1,0 +1,46 @@
+"""Export a trained Atlas checkpoint as a GGUF file for llama.cpp.
+
+    python scripts/to_gguf.py runs/shakespeare --out shakespeare.gguf [--type q8_0] [--name NAME]
+
+RUN_DIR_OR_CHECKPOINT is a run dir (its latest checkpoint) or one checkpoint's step dir.
+Types: f32, f16, bf16, q8_0, q4_0 (written here), q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer,
+needs llama-cpp-python). See atlas_jax/export/gguf.py for what each keeps at higher precision.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from atlas_jax.errors import run_cli  # noqa: E402
+from atlas_jax.export.gguf import ALL_FTYPES  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="to_gguf.py", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--type", choices=ALL_FTYPES, default="f32", dest="ftype")
+    p.add_argument("--name", default=None, help="general.name (default: the run dir's name)")
+    p.add_argument("--write-output-for-tied", action="store_true",
+                   help="tied models: write output.weight too (default: llama.cpp reuses token_embd)")
+    args = p.parse_args(argv)
+
+    from atlas_jax.checkpoint import find_checkpoint, load_for_inference
+    from atlas_jax.export.gguf import export_gguf
+
+    start = time.perf_counter()
+    params, cfg, tokenizer = load_for_inference(args.checkpoint)
+    run_dir, step_dir = find_checkpoint(args.checkpoint)
+    out = export_gguf(params, cfg.model, tokenizer, args.out, args.ftype, args.name or Path(run_dir).resolve().name,
+                      args.write_output_for_tied)
+    print(f"wrote {out} ({args.ftype}, {out.stat().st_size / 2**20:.2f} MiB, {cfg.model.arch}, from {step_dir}) "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
