@@ -352,6 +352,7 @@ def count_params_from_config(cfg: ModelConfig) -> dict[str, int]:
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), the PaLM/nanoGPT convention used for MFU:
-    6 * (non-embedding params + the output projection D*V) + 12 * n_layers * d_model * seq_len."""
-    n = count_params_from_config(cfg)["non_embedding"] + cfg.d_model * cfg.vocab_size
+    6 * (non-embedding params + the output projection D*V) + 12 * n_layers * d_model * seq_len.
+    An untied head (lm_head) is already among the non-embedding params; a tied one is added."""
+    n = count_params_from_config(cfg)["non_embedding"] + (cfg.d_model * cfg.vocab_size if cfg.tie_embeddings else 0)
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len

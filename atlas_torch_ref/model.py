@@ -1,0 +1,175 @@
+"""A plain PyTorch twin of atlas_jax's `llama` and `gpt2` models, for parity tests only.
+
+Written independently of atlas_jax (it imports nothing from it): attention is spelled out as
+matmul + causal mask + softmax, RoPE rotates adjacent pairs with strided slices, GQA repeats each
+key/value head over its group of query heads. It shares only hyper-parameter VALUES with the Flax
+model, through its own `RefConfig`. Float32, no KV cache, no dropout.
+
+Module names follow the Flax param paths (`layers.3.attn.wq` <-> `layers_3/attn/wq`), so the
+loader in `atlas_torch_ref.load` is a renaming plus a transpose of the Linear weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class RefConfig:
+    arch: str  # llama | gpt2
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int  # gpt2: must equal n_heads
+    d_ff: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "RefConfig":
+        """Pick this config's fields out of any mapping (e.g. dataclasses.asdict of a model config)."""
+        fields = dataclasses.fields(cls)
+        missing = [f.name for f in fields if f.default is dataclasses.MISSING and values.get(f.name) is None]
+        if missing:
+            raise ValueError(f"RefConfig needs resolved values for {', '.join(missing)}")
+        return cls(**{f.name: values[f.name] for f in fields if f.name in values})
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x_BxTxD: torch.Tensor) -> torch.Tensor:
+        return x_BxTxD * torch.rsqrt(x_BxTxD.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def make_norm(cfg: RefConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.d_model, cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)  # scale and bias
+
+
+def rope(x_BxNxTxH: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) at position t by the angle t * theta^(-2i/H)."""
+    t, h = x_BxNxTxH.shape[-2:]
+    inv_freq_H2 = (theta ** (-torch.arange(0, h, 2, dtype=torch.float64) / h)).float()
+    angle_TxH2 = torch.arange(t, dtype=torch.float32)[:, None] * inv_freq_H2[None, :]
+    cos, sin = angle_TxH2.cos(), angle_TxH2.sin()
+    even, odd = x_BxNxTxH[..., 0::2], x_BxNxTxH[..., 1::2]
+    out = torch.empty_like(x_BxNxTxH)
+    out[..., 0::2] = even * cos - odd * sin
+    out[..., 1::2] = even * sin + odd * cos
+    return out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: RefConfig):
+        super().__init__()
+        self.cfg = cfg
+        bias = cfg.arch == "gpt2"
+        dh = cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, cfg.n_heads * dh, bias=bias)
+        self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * dh, bias=bias)
+        self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * dh, bias=bias)
+        self.wo = nn.Linear(cfg.n_heads * dh, cfg.d_model, bias=bias)
+
+    def forward(self, x_BxTxD: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        b, t, _ = x_BxTxD.shape
+        dh = c.head_dim
+        q = self.wq(x_BxTxD).view(b, t, c.n_heads, dh).transpose(1, 2)  # B,H,T,Dh
+        k = self.wk(x_BxTxD).view(b, t, c.n_kv_heads, dh).transpose(1, 2)  # B,KV,T,Dh
+        v = self.wv(x_BxTxD).view(b, t, c.n_kv_heads, dh).transpose(1, 2)
+        if c.arch == "llama":
+            q, k = rope(q, c.rope_theta), rope(k, c.rope_theta)
+        # Query head h reads kv head h // group: repeat each kv head `group` times in place.
+        group = c.n_heads // c.n_kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores_BxHxTxT = q @ k.transpose(-2, -1) / math.sqrt(dh)
+        causal_TxT = torch.ones(t, t, dtype=torch.bool).tril()
+        scores_BxHxTxT = scores_BxHxTxT.masked_fill(~causal_TxT, float("-inf"))
+        probs = torch.softmax(scores_BxHxTxT, dim=-1)
+        out = (probs @ v).transpose(1, 2).reshape(b, t, c.n_heads * dh)
+        return self.wo(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: RefConfig):
+        super().__init__()
+        self.arch = cfg.arch
+        bias = cfg.arch == "gpt2"
+        if cfg.arch == "llama":
+            self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
+        self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
+
+    def forward(self, x_BxTxD: torch.Tensor) -> torch.Tensor:
+        if self.arch == "llama":  # SwiGLU
+            return self.w_down(F.silu(self.w_gate(x_BxTxD)) * self.w_up(x_BxTxD))
+        return self.w_down(F.gelu(self.w_up(x_BxTxD), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: RefConfig):
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x_BxTxD: torch.Tensor) -> torch.Tensor:
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD))
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: RefConfig):
+        super().__init__()
+        if cfg.arch not in ("llama", "gpt2"):
+            raise ValueError(f"arch {cfg.arch!r}: expected llama or gpt2")
+        if cfg.arch == "gpt2" and cfg.n_kv_heads != cfg.n_heads:
+            raise ValueError("gpt2 has no grouped attention: n_kv_heads must equal n_heads")
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        if cfg.arch == "gpt2":
+            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.final_norm = make_norm(cfg)
+        if not cfg.tie_embeddings:
+            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+    def forward(self, tokens_BxT: torch.Tensor) -> torch.Tensor:
+        """Causal forward -> logits_BxTxV."""
+        t = tokens_BxT.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} > max_seq_len {self.cfg.max_seq_len}")
+        x = self.embed(tokens_BxT)
+        if self.cfg.arch == "gpt2":
+            x = x + self.pos_embed(torch.arange(t))
+        for layer in self.layers:
+            x = layer(x)
+        x = self.final_norm(x)
+        return x @ self.embed.weight.T if self.cfg.tie_embeddings else self.lm_head(x)
+
+    def loss(self, tokens_BxT: torch.Tensor, targets_BxT: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy in nats over all B*T targets."""
+        logits = self.forward(tokens_BxT)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets_BxT.reshape(-1))

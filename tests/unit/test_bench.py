@@ -1,0 +1,100 @@
+"""scripts/bench.py --quick: every subcommand runs in a subprocess into one JSON file, which then holds
+every expected figure, positive, and the markdown the tables. A smoke test of the machinery: it
+asserts structure, never speed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SUBCOMMANDS = ("train", "decode", "scaling")
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> dict:
+    """Run the three subcommands with --quick into one bench.json; their exit codes, stderr and the results."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    runs = {}
+    for cmd in SUBCOMMANDS:
+        proc = subprocess.run([sys.executable, "scripts/bench.py", cmd, "--quick", "--out", str(out)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        runs[cmd] = proc
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    md = out.with_suffix(".md")
+    return {"runs": runs, "data": data, "md": md.read_text() if md.is_file() else "", "dir": tmp}
+
+
+def _ok(bench, cmd) -> dict:
+    proc = bench["runs"][cmd]
+    assert proc.returncode == 0, f"bench.py {cmd} --quick exited {proc.returncode}: {proc.stderr[-3000:]}"
+    assert cmd in bench["data"], f"bench.json has no '{cmd}' section"
+    return bench["data"][cmd]
+
+
+def _positive(d: dict, keys, where: str) -> None:
+    for key in keys:
+        assert isinstance(d.get(key), (int, float)) and d[key] > 0, f"{where}.{key} = {d.get(key)!r}, expected > 0"
+
+
+def test_train_measures_every_framework_from_the_same_params(bench):
+    sec = _ok(bench, "train")
+    _positive(sec, ["flops_per_token", "peak_flops", "batch_size", "seq_len"], "train")
+    fws = sec["frameworks"]
+    assert {"atlas_jax", "torch_eager", "torch_compile"} <= set(fws), f"frameworks: {sorted(fws)}"
+    for name, r in fws.items():
+        assert "error" not in r, f"train.{name}: {r.get('error')}"
+        _positive(r, ["step_s_median", "tokens_per_s", "mfu", "peak_rss_mib", "compile_s"], f"train.{name}")
+        assert len(r["step_s"]) == sec["steps"], f"train.{name}: {len(r['step_s'])} step times, expected {sec['steps']}"
+    for name in ("torch_eager", "torch_compile"):
+        _positive(fws[name], ["atlas_jax_speedup"], f"train.{name}")
+        # The same initial params and batch: the loss before the first update agrees across frameworks.
+        diff = abs(fws[name]["first_loss"] - fws["atlas_jax"]["first_loss"])
+        assert diff < 1e-3, f"train.{name}.first_loss differs from atlas_jax's by {diff:.2e}"
+
+
+def test_decode_measures_atlas_and_llamacpp_at_both_batch_sizes(bench):
+    sec = _ok(bench, "decode")
+    fws = sec["frameworks"]
+    assert {"atlas_jax", "llama.cpp f32", "llama.cpp q8_0"} <= set(fws), f"engines: {sorted(fws)}"
+    for name, r in fws.items():
+        assert "error" not in r, f"decode.{name}: {r.get('error')}"
+        _positive(r, ["peak_rss_mib"], f"decode.{name}")
+        assert set(r["results"]) == {"batch_1", "batch_32"}, f"decode.{name}: {sorted(r['results'])}"
+        for key, row in r["results"].items():
+            _positive(row, ["prefill_tokens_per_s", "decode_tokens_per_s"], f"decode.{name}.{key}")
+            if name != "atlas_jax":
+                _positive(row, ["atlas_jax_decode_speedup"], f"decode.{name}.{key}")
+
+
+def test_scaling_covers_sequence_lengths_and_sizes_and_plots(bench):
+    sec = _ok(bench, "scaling")
+    assert len(sec["seq_len"]) >= 2 and len(sec["params"]) >= 2, "scaling needs at least two points per axis"
+    for point in sec["seq_len"] + sec["params"]:
+        where = f"scaling.{point.get('name') or point['seq_len']}"
+        assert "skipped" not in point, f"{where}: skipped ({point.get('skipped')})"
+        assert "error" not in point["atlas_jax"], f"{where}: {point['atlas_jax'].get('error')}"
+        _positive(point["atlas_jax"], ["tokens_per_s", "mfu"], f"{where}.atlas_jax")
+        _positive(point, ["params", "batch_size", "seq_len"], where)
+    png = bench["dir"] / "scaling.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png}: no PNG written"
+
+
+def test_outputs_merge_into_one_json_and_markdown(bench):
+    data, md = bench["data"], bench["md"]
+    for key in ("cpu", "cores", "jax_backend", "device_kind"):
+        assert data.get("machine", {}).get(key), f"machine.{key} missing"
+    for key in ("jax", "jaxlib", "flax", "torch", "llama_cpp_python"):
+        assert data.get("versions", {}).get(key), f"versions.{key} missing"
+    for cmd in SUBCOMMANDS:
+        if cmd in data:
+            assert data[cmd]["command"].startswith(f"python scripts/bench.py {cmd} --quick"), data[cmd]["command"]
+            assert f"`{data[cmd]['command']}`" in md, f"the markdown lacks the {cmd} command"
+    assert md.count("<!-- bench:begin -->") == 1 and md.count("<!-- bench:end -->") == 1

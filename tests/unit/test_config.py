@@ -1,0 +1,195 @@
+"""atlas_jax.config: YAML files, typed `section.key=value` overrides, derived values, one-line errors."""
+from __future__ import annotations
+
+import dataclasses
+import textwrap
+
+import pytest
+
+from atlas_jax.config import Config, ModelConfig, load_config, resolve, save_config
+from atlas_jax.errors import AtlasError, ConfigError
+
+TINY_YAML = """\
+model:
+  arch: llama
+  vocab_size: 300
+  d_model: 96
+  n_layers: 2
+  n_heads: 4
+  max_seq_len: 64
+data:
+  seq_len: 32
+train:
+  batch_size: 8
+  lr: 0.001
+"""
+
+
+def write(tmp_path, text: str, name: str = "cfg.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- loading and resolving
+
+
+def test_yaml_values_land_in_their_sections_and_the_rest_are_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, TINY_YAML))
+    assert (cfg.model.vocab_size, cfg.model.d_model, cfg.data.seq_len, cfg.train.batch_size) == (300, 96, 32, 8)
+    assert cfg.train.lr == 0.001 and cfg.train.steps == Config().train.steps
+
+
+def test_empty_file_and_no_file_give_the_resolved_defaults(tmp_path):
+    assert load_config(write(tmp_path, "")) == load_config(None) == resolve(Config())
+
+
+def test_resolve_fills_llama_derived_values(tmp_path):
+    m = load_config(write(tmp_path, TINY_YAML)).model
+    assert m.n_kv_heads == 4  # None -> n_heads
+    assert m.d_ff == 256  # 8/3 * 96 = 256, already a multiple of ffn_multiple_of=64
+    m = load_config(write(tmp_path, TINY_YAML), ["model.d_model=64", "model.n_kv_heads=2"]).model
+    assert (m.n_kv_heads, m.d_ff) == (2, 192)  # 8/3 * 64 = 170.7 -> rounded up to 192
+
+
+def test_resolve_fills_gpt2_derived_values(tmp_path):
+    m = load_config(write(tmp_path, TINY_YAML), ["model.arch=gpt2", "model.n_kv_heads=2"]).model
+    assert (m.n_kv_heads, m.d_ff) == (4, 4 * 96)  # gpt2 has no grouped attention
+
+
+def test_explicit_d_ff_is_kept(tmp_path):
+    assert load_config(write(tmp_path, TINY_YAML), ["model.d_ff=100"]).model.d_ff == 100
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+@pytest.mark.parametrize("override, section, key, want", [
+    ("train.lr=1", "train", "lr", 1.0),  # an int for a float
+    ("train.lr=3.0e-4", "train", "lr", 3e-4),
+    ("train.lr=3e-4", "train", "lr", 3e-4),
+    ("model.tie_embeddings=false", "model", "tie_embeddings", False),
+    ("model.n_kv_heads=null", "model", "n_kv_heads", 4),  # null for an optional, then resolved
+    ("model.d_ff=null", "model", "d_ff", 256),
+    ("data.tokenizer=null", "data", "tokenizer", None),
+    ("data.tokenizer=123", "data", "tokenizer", "123"),  # a string field keeps what was typed
+    ("train.run_dir=runs/x=1", "train", "run_dir", "runs/x=1"),  # only the first '=' splits
+    ("train.mesh=[2, 1]", "train", "mesh", [2, 1]),
+    ("data.sources=[a.txt, b.jsonl]", "data", "sources", ["a.txt", "b.jsonl"]),
+    ("data.sources=a.txt", "data", "sources", ["a.txt"]),  # one string for a list of strings
+])
+def test_overrides_are_typed_by_the_dataclass(tmp_path, override, section, key, want):
+    got = getattr(getattr(load_config(write(tmp_path, TINY_YAML), [override]), section), key)
+    assert got == want and type(got) is type(want), f"{override} -> {got!r}"
+
+
+@pytest.mark.parametrize("where", ["override", "file"])
+def test_float_in_e_notation_without_a_dot_is_a_float(tmp_path, where):
+    # PyYAML (YAML 1.1) reads 3e-4 without a dot as a string; float fields must still take it.
+    if where == "override":
+        cfg = load_config(write(tmp_path, TINY_YAML), ["train.lr=3e-4"])
+    else:
+        cfg = load_config(write(tmp_path, TINY_YAML.replace("lr: 0.001", "lr: 3e-4")))
+    assert cfg.train.lr == 3e-4
+
+
+def test_later_overrides_win(tmp_path):
+    cfg = load_config(write(tmp_path, TINY_YAML), ["train.steps=5", "train.steps=7"])
+    assert cfg.train.steps == 7
+
+
+# --------------------------------------------------------------------------- errors
+
+
+BAD_OVERRIDES = {  # id: (overrides, words the one-line message must contain)
+    "unknown-key": (["model.d_modle=64"], ["d_modle", "did you mean d_model"]),
+    "unknown-section": (["modle.d_model=64"], ["modle", "did you mean model"]),
+    "no-equals": (["model.d_model"], ["section.key=value"]),
+    "no-section": (["d_model=64"], ["section.key=value"]),
+    "str-for-int": (["model.d_model=abc"], ["model.d_model=abc", "expected int", "'abc'"]),
+    "float-for-int": (["model.n_layers=2.5"], ["expected int"]),
+    "int-for-bool": (["model.tie_embeddings=3"], ["expected bool"]),
+    "str-for-float": (["train.lr=fast"], ["expected float"]),
+    "null-for-required": (["model.d_model=null"], ["expected int"]),
+    "n_heads-not-dividing-d_model": (["model.n_heads=5"], ["n_heads=5", "d_model=96", "divide"]),
+    "n_kv_heads-not-dividing-n_heads": (["model.n_kv_heads=3"], ["n_kv_heads=3", "n_heads=4", "divide"]),
+    "zero-d_model": (["model.d_model=0"], ["model.d_model", "positive"]),
+    "negative-n_layers": (["model.n_layers=-2"], ["model.n_layers", "positive"]),
+    "zero-vocab": (["model.vocab_size=0"], ["model.vocab_size", "positive"]),
+    "zero-n_kv_heads": (["model.n_kv_heads=0"], ["model.n_kv_heads", "positive"]),
+    "negative-batch": (["train.batch_size=-1"], ["train.batch_size", "positive"]),
+    "negative-lr": (["train.lr=-0.1"], ["train.lr", ">= 0"]),
+    "zero-seq_len": (["data.seq_len=0"], ["data.seq_len", "positive"]),
+    "seq_len-over-max_seq_len": (["data.seq_len=65"], ["data.seq_len=65", "max_seq_len=64"]),
+    "microbatches-not-dividing": (["train.microbatches=3"], ["microbatches=3", "batch_size=8", "divide"]),
+    "bad-arch": (["model.arch=mamba"], ["model.arch", "mamba", "llama"]),
+    "odd-head-dim-for-rope": (["model.d_model=36", "model.n_heads=4"], ["head_dim", "even"]),
+}
+
+
+@pytest.mark.parametrize("overrides, words", list(BAD_OVERRIDES.values()), ids=list(BAD_OVERRIDES))
+def test_bad_override_is_one_clear_line(tmp_path, overrides, words):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, TINY_YAML), overrides)
+    msg = str(e.value)
+    assert "\n" not in msg, f"multi-line message: {msg!r}"
+    missing = [w for w in words if w not in msg]
+    assert not missing, f"message {msg!r} lacks {missing}"
+
+
+BAD_FILES = {  # id: (file text, words the message must contain; parse errors also name the file)
+    "unknown-key": ("model:\n  d_modle: 64\n", ["d_modle", "did you mean d_model"]),
+    "unknown-section": ("trian:\n  lr: 0.1\n", ["trian", "did you mean train"]),
+    "wrong-type": ("model:\n  tie_embeddings: maybe\n", ["model.tie_embeddings", "expected bool"]),
+    "section-not-a-mapping": ("model: 5\n", ["model", "mapping"]),
+    "top-level-list": ("- model\n- train\n", ["mapping"]),
+    "bad-yaml": ("model: {d_model: [64\n", ["not valid YAML"]),
+    "tab-indent": ("model:\n\td_model: 64\n", ["not valid YAML"]),
+}
+
+
+@pytest.mark.parametrize("text, words", list(BAD_FILES.values()), ids=list(BAD_FILES))
+def test_bad_file_is_one_line_naming_the_file(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    msg = str(e.value)
+    assert "\n" not in msg, f"multi-line message: {msg!r}"
+    missing = [w for w in words + [str(path)] if w not in msg]
+    assert not missing, f"message {msg!r} lacks {missing}"
+
+
+def test_invalid_values_in_a_file_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^model.n_heads=7 does not divide model.d_model=96; [^\n]+$"):
+        load_config(write(tmp_path, "model:\n  d_model: 96\n  n_heads: 7\n"))
+
+
+def test_missing_file_names_the_path(tmp_path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="nope.yaml.*not found") as e:
+        load_config(path)
+    assert "\n" not in str(e.value)
+
+
+def test_config_errors_are_atlas_errors():
+    assert issubclass(ConfigError, AtlasError)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["model.arch=gpt2", "model.tie_embeddings=false", "data.tokenizer=tok.model", "train.mesh=[2, 4]",
+     "data.sources=[a.txt, b.jsonl]", "train.lr=1", "model.compute_dtype=bfloat16"],
+])
+def test_save_config_then_load_config_is_equal(tmp_path, overrides):
+    cfg = load_config(write(tmp_path, TINY_YAML), overrides)
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    again = load_config(tmp_path / "run" / "config.yaml")
+    assert again == cfg
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+def test_model_config_head_dim():
+    assert ModelConfig(d_model=96, n_heads=4).head_dim == 24

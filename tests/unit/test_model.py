@@ -1,0 +1,244 @@
+"""atlas_jax.model on its own: the param tree, shapes, causal masks, RoPE, parameter and FLOP counts,
+and left-padded batched decoding. (Agreement with the PyTorch reference is in tests/parity.)"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from atlas_jax import model as M
+from atlas_jax.config import ModelConfig, resolve_model
+
+V, D, H, KV, MAX_T = 97, 64, 4, 2, 16
+
+
+def tiny(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=V, d_model=D, n_layers=2, n_heads=H, n_kv_heads=KV, max_seq_len=MAX_T)
+    return resolve_model(ModelConfig(**{**fields, **overrides}))
+
+
+def o1_params(cfg: ModelConfig, seed: int = 0):
+    """init_params with kernels and embeddings x10: attention scores and logits of order 1, so a
+    wrong mask or a padding leak moves logits far past the tolerances below (std 0.02 would not)."""
+    params = M.init_params(cfg, jax.random.key(seed))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 10.0 if path[-1].key in ("kernel", "embedding") else x, params)
+
+
+def shapes_by_path(tree) -> dict[str, tuple]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(k.key for k in path): tuple(x.shape) for path, x in flat}
+
+
+# --------------------------------------------------------------------------- param tree and shapes
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", True), ("llama", False), ("gpt2", True), ("gpt2", False)])
+def test_param_tree_matches_the_documented_paths_and_shapes(arch, tied):
+    cfg = tiny(arch=arch, tie_embeddings=tied)
+    dh, f, kv = cfg.head_dim, cfg.d_ff, cfg.n_kv_heads
+    want = {"embed/embedding": (V, D), "final_norm/scale": (D,)}
+    if arch == "gpt2":
+        want |= {"pos_embed/embedding": (MAX_T, D), "final_norm/bias": (D,)}
+    if not tied:
+        want["lm_head/kernel"] = (D, V)
+    for i in range(cfg.n_layers):
+        p = f"layers_{i}"
+        want |= {f"{p}/attn_norm/scale": (D,), f"{p}/mlp_norm/scale": (D,),
+                 f"{p}/attn/wq/kernel": (D, H * dh), f"{p}/attn/wk/kernel": (D, kv * dh),
+                 f"{p}/attn/wv/kernel": (D, kv * dh), f"{p}/attn/wo/kernel": (H * dh, D),
+                 f"{p}/mlp/w_up/kernel": (D, f), f"{p}/mlp/w_down/kernel": (f, D)}
+        if arch == "llama":
+            want[f"{p}/mlp/w_gate/kernel"] = (D, f)
+        else:
+            want |= {f"{p}/attn_norm/bias": (D,), f"{p}/mlp_norm/bias": (D,), f"{p}/attn/wq/bias": (H * dh,),
+                     f"{p}/attn/wk/bias": (kv * dh,), f"{p}/attn/wv/bias": (kv * dh,),
+                     f"{p}/attn/wo/bias": (D,), f"{p}/mlp/w_up/bias": (f,), f"{p}/mlp/w_down/bias": (D,)}
+    got = shapes_by_path(jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0))))
+    assert got == want, f"extra: {sorted(set(got) - set(want))}, missing: {sorted(set(want) - set(got))}"
+
+
+@pytest.mark.parametrize("arch, compute_dtype", [("llama", "bfloat16"), ("gpt2", "float32")])
+def test_forward_gives_float32_logits_BxTxV(arch, compute_dtype):
+    cfg = tiny(arch=arch, compute_dtype=compute_dtype)
+    forward = jax.jit(lambda p, x: M.Transformer(cfg).apply({"params": p}, x))
+    logits = forward(M.init_params(cfg, jax.random.key(0)), jnp.zeros((3, 7), jnp.int32))
+    assert logits.shape == (3, 7, V) and logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_forward_rejects_sequences_longer_than_max_seq_len():
+    cfg = tiny(arch="gpt2")  # its position table has max_seq_len rows
+    with pytest.raises(ValueError, match="max_seq_len"):
+        M.Transformer(cfg).apply({"params": M.init_params(cfg, jax.random.key(0))}, jnp.zeros((1, MAX_T + 1), jnp.int32))
+
+
+def test_init_cache_shapes_and_decode_advances_the_index():
+    cfg = tiny(compute_dtype="bfloat16")
+    cache = M.init_cache(cfg, batch=2, max_len=12)
+    assert len(cache["layers"]) == cfg.n_layers
+    assert all(kv["k"].shape == kv["v"].shape == (2, 12, KV, cfg.head_dim) and kv["k"].dtype == jnp.bfloat16
+               for kv in cache["layers"])
+    assert cache["pos"].shape == (2, 12) and bool(jnp.all(cache["pos"] == -1)) and int(cache["index"]) == 0
+    params = M.init_params(cfg, jax.random.key(0))
+    tokens = jnp.ones((2, 5), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (2, 5))
+    decode = jax.jit(lambda p, x, pos, c: M.Transformer(cfg).apply({"params": p}, x, pos, c, method=M.Transformer.decode))
+    logits, cache = decode(params, tokens, positions, cache)
+    assert logits.shape == (2, 5, V) and logits.dtype == jnp.float32 and int(cache["index"]) == 5
+    assert cache["pos"][0].tolist() == [0, 1, 2, 3, 4] + [-1] * 7
+
+
+# --------------------------------------------------------------------------- causal attention
+
+
+@pytest.mark.parametrize("impl", ["xla", "einsum"])
+def test_attention_is_causal_and_groups_query_heads_by_h_div_group(impl):
+    b, t, n, kv, h = 2, 6, 4, 2, 8
+    q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
+        jax.random.split(jax.random.key(0), 3), [(b, t, n, h), (b, t, kv, h), (b, t, kv, h)]))
+    attention = jax.jit(lambda q, k, v: M.attention(q, k, v, None, impl))
+    out = attention(q, k, v)
+    # Position 0 sees only itself: query head i outputs v of kv head i // (n / kv).
+    np.testing.assert_allclose(out[:, 0], v[:, 0, np.arange(n) // (n // kv)], atol=1e-6)
+    for s in range(1, t):  # keys and values after s never reach outputs at or before s
+        k2, v2 = k.at[:, s:].add(3.0), v.at[:, s:].add(3.0)
+        out2 = attention(q, k2, v2)
+        assert bool(jnp.all(out2[:, :s] == out[:, :s])), f"{impl}: output before {s} changed with later keys"
+        assert not bool(jnp.all(out2[:, s] == out[:, s]))
+
+
+def test_explicit_causal_mask_equals_is_causal():
+    q, k, v = (jax.random.normal(key, (2, 5, 4, 8)) for key in jax.random.split(jax.random.key(1), 3))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((5, 5), bool)), (2, 5, 5))
+    for impl in ("xla", "einsum"):
+        np.testing.assert_allclose(M.attention(q, k, v, mask, impl), M.attention(q, k, v, None, impl), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- rope
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _rope_1(x_H, position, theta):
+    return M.apply_rope(x_H[None, None, None], jnp.reshape(position, (1, 1)), theta)[0, 0, 0]
+
+
+def rope_at(x_H: np.ndarray, position: int, theta: float = 10000.0) -> np.ndarray:
+    """One head vector rotated to `position`, through M.apply_rope."""
+    return np.asarray(_rope_1(jnp.asarray(x_H, jnp.float32), jnp.int32(position), theta), np.float64)
+
+
+@settings(max_examples=25, deadline=None)
+@given(m=st.integers(0, 60), n=st.integers(0, 60), shift=st.integers(0, 60), seed=st.integers(0, 2**16))
+def test_rope_dot_product_depends_only_on_relative_position(m, n, shift, seed):
+    rng = np.random.default_rng(seed)
+    q, k = rng.normal(size=32), rng.normal(size=32)
+    a = rope_at(q, m) @ rope_at(k, n)
+    b = rope_at(q, m + shift) @ rope_at(k, n + shift)
+    assert abs(a - b) <= 1e-4 * np.linalg.norm(q) * np.linalg.norm(k), f"q·k at ({m},{n}) {a} vs shifted by {shift} {b}"
+
+
+@settings(max_examples=15, deadline=None)
+@given(position=st.integers(0, 10_000), seed=st.integers(0, 2**16))
+def test_rope_preserves_the_norm_of_every_adjacent_pair(position, seed):
+    x = np.random.default_rng(seed).normal(size=16)
+    y = rope_at(x, position)
+    np.testing.assert_allclose(np.hypot(y[0::2], y[1::2]), np.hypot(x[0::2], x[1::2]), rtol=1e-5)
+
+
+def test_rope_rotates_adjacent_pairs_by_position_times_theta_pow_minus_2i_over_dh():
+    h, theta, p = 8, 10000.0, 3
+    np.testing.assert_allclose(M.rope_frequencies(h, theta), theta ** (-np.arange(0, h, 2) / h), rtol=1e-12)
+    for i in range(h // 2):
+        x = np.zeros(h)
+        x[2 * i] = 1.0  # the pair (2i, 2i+1), not (i, i + h/2)
+        want = np.zeros(h)
+        angle = p * theta ** (-2 * i / h)
+        want[2 * i], want[2 * i + 1] = np.cos(angle), np.sin(angle)
+        np.testing.assert_allclose(rope_at(x, p, theta), want, atol=1e-6, err_msg=f"pair {i}")
+    x = np.random.default_rng(0).normal(size=h)
+    np.testing.assert_allclose(rope_at(x, 0), x, atol=1e-7)  # position 0 is the identity
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def gpt2_small() -> ModelConfig:
+    return resolve_model(ModelConfig(arch="gpt2", vocab_size=50257, max_seq_len=1024, n_layers=12,
+                                     d_model=768, n_heads=12, tie_embeddings=True))
+
+
+def test_gpt2_small_has_124439808_parameters():
+    counts = M.count_params_from_config(gpt2_small())
+    # GPT-2 small; non-embedding excludes the 50257x768 token and 1024x768 position tables.
+    assert counts == {"total": 124_439_808, "non_embedding": 124_439_808 - 50257 * 768 - 1024 * 768}
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_llama_parameter_count_matches_closed_form(n_kv_heads, tied):
+    cfg = tiny(n_kv_heads=n_kv_heads, tie_embeddings=tied)
+    dh, f = cfg.head_dim, cfg.d_ff
+    per_layer = 2 * D + D * H * dh + 2 * D * n_kv_heads * dh + H * dh * D + 3 * D * f
+    total = V * D * (1 if tied else 2) + cfg.n_layers * per_layer + D
+    assert M.count_params_from_config(cfg) == {"total": total, "non_embedding": total - V * D}
+    assert M.count_params(M.init_params(cfg, jax.random.key(0)))["total"] == total
+
+
+def test_flops_per_token_of_gpt2_small_is_nanogpts_6n_plus_12lht():
+    # nanoGPT's estimate_mfu for GPT-2 small at T=1024: N = params without the position table.
+    n = 124_439_808 - 1024 * 768
+    assert M.flops_per_token(gpt2_small(), 1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_flops_per_token_is_6n_plus_12_l_d_t():
+    cfg = tiny()
+    assert M.flops_per_token(cfg, 2 * MAX_T) - M.flops_per_token(cfg, MAX_T) == 12 * cfg.n_layers * D * MAX_T
+    # A tied llama has no position table: every parameter is in a matmul (or a norm), so 6N + 12LDT.
+    assert M.flops_per_token(cfg, MAX_T) == 6 * M.count_params_from_config(cfg)["total"] + 12 * cfg.n_layers * D * MAX_T
+
+
+def test_flops_per_token_is_the_same_for_tied_and_untied_heads():
+    # The head's matmul costs the same whether its matrix is shared with the embedding or not.
+    assert M.flops_per_token(tiny(tie_embeddings=False), MAX_T) == M.flops_per_token(tiny(tie_embeddings=True), MAX_T)
+
+
+# --------------------------------------------------------------------------- padded decode
+
+
+@pytest.mark.parametrize("attention", ["xla", "einsum"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_left_padded_batched_decode_gives_each_row_its_unpadded_logits(arch, attention):
+    """Prompts of length 5 and 3 in one batch (the short one left-padded, positions -1), prefilled
+    together then decoded 4 tokens: every real position's logits equal those of the row alone."""
+    cfg = tiny(arch=arch, attention=attention)
+    model, params = M.Transformer(cfg), o1_params(cfg)
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(1, V, 5 + 4), rng.integers(1, V, 3 + 4)]  # prompt + 4 continuation tokens
+    lengths, width, steps = [5, 3], 5, 4
+    tokens = np.zeros((2, width), np.int32)  # pad id 0
+    positions = np.full((2, width), -1, np.int32)
+    for r, (row, n) in enumerate(zip(rows, lengths)):
+        tokens[r, width - n:], positions[r, width - n:] = row[:n], np.arange(n)
+    decode = jax.jit(lambda p, x, pos, c: model.apply({"params": p}, x, pos, c, method=M.Transformer.decode))
+    forward = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    logits, cache = decode(params, tokens, positions, M.init_cache(cfg, 2, MAX_T))
+    out = [np.asarray(logits)]
+    for s in range(steps):
+        x = np.array([[row[n + s]] for row, n in zip(rows, lengths)], np.int32)
+        pos = np.array([[n + s] for n in lengths], np.int32)
+        logits, cache = decode(params, x, pos, cache)
+        out.append(np.asarray(logits))
+    batched = np.concatenate(out, axis=1)  # [2, width + steps, V]
+    assert np.all(np.isfinite(batched)), "padding slots produced non-finite logits"
+    for r, (row, n) in enumerate(zip(rows, lengths)):
+        alone = np.asarray(forward(params, row[None, :n + steps].astype(np.int32)))[0]
+        got = batched[r, width - n:]
+        err = np.abs(got - alone).max(axis=-1)
+        assert err.max() <= 1e-4, (f"row {r} (prompt {n}): logits differ from the unpadded row by "
+                                   f"{err.max():.3g} at position {int(err.argmax())} (scale {np.abs(alone).max():.3g})")
