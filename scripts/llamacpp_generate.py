@@ -31,10 +31,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args.prompt:
         raise AtlasError("--prompt is empty; give the text to continue")
 
+    import gguf
+
     from atlas_jax.export.gguf import open_llama
 
-    llm = open_llama(str(args.gguf), n_ctx=0, logits_all=False, seed=args.seed)
-    n_ctx = llm.n_ctx()
+    reader = gguf.GGUFReader(args.gguf)
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    n_ctx = int(reader.fields[gguf.Keys.LLM.CONTEXT_LENGTH.format(arch=arch)].contents())
+    llm = open_llama(str(args.gguf), n_ctx=n_ctx, logits_all=False, seed=args.seed)
     print(args.prompt, end="", flush=True)
     start, n = time.perf_counter(), 0
     for chunk in llm(args.prompt, max_tokens=min(args.max_tokens, n_ctx - len(llm.tokenize(args.prompt.encode(), add_bos=False))),
