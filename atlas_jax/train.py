@@ -23,7 +23,7 @@ import numpy as np
 
 from atlas_jax import checkpoint as ckpt
 from atlas_jax.config import Config, load_config, save_config
-from atlas_jax.errors import AtlasError, run_cli
+from atlas_jax.errors import AtlasError, DataError, run_cli
 from atlas_jax.model import count_params, flops_per_token
 from atlas_jax.sharding import (check_batch_divides, global_batch, make_mesh, maybe_initialize_distributed,
                                 state_shardings)
@@ -105,10 +105,16 @@ def prepare_run(cfg: Config, run_dir: Path):
     return data_dir, meta, tok_src
 
 
-def _val_set(cfg: Config, data_dir: Path, token_bytes: np.ndarray):
+def _val_set(cfg: Config, data_dir: Path, token_bytes: np.ndarray, n_devices: int):
     from atlas_jax.data.loader import val_batches
 
     batches = val_batches(data_dir, cfg.data.seq_len, cfg.train.batch_size, cfg.train.eval_batches)
+    # A short val split can give a last batch with fewer rows: keep a multiple of the device count.
+    batches = [{k: v[:len(v) // n_devices * n_devices] for k, v in b.items()} for b in batches]
+    batches = [b for b in batches if len(b["inputs"])]
+    if not batches:
+        raise DataError(f"{data_dir}: the val split holds fewer than {n_devices} windows of {cfg.data.seq_len + 1} "
+                        f"tokens (one per device); lower data.seq_len or raise data.val_fraction")
     n_bytes = int(sum(token_bytes[b["targets"]].sum() for b in batches))
     n_tokens = int(sum(b["targets"].size for b in batches))
     p, n = jax.process_index(), jax.process_count()
@@ -219,7 +225,7 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
         state, _ = create_sharded_state(cfg, mesh)
     step_fn = make_train_step(cfg, mesh, shardings)
     eval_fn = make_eval_step(cfg, mesh, shardings["params"])
-    val_local, val_tokens, val_bytes = _val_set(cfg, data_dir, token_bytes)
+    val_local, val_tokens, val_bytes = _val_set(cfg, data_dir, token_bytes, mesh.size)
 
     n_params = count_params(abstract["params"])
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
