@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tests.runs import step_losses
+
 REPO = Path(__file__).resolve().parents[2]
 
 MESH_SCRIPT = r"""
@@ -81,15 +83,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
-
-
 def test_two_processes_match_one_process(tmp_path, shakespeare_data_dir, shakespeare_tokenizer):
     common = ["--config", "configs/tiny.yaml", "--no-progress", "--no-samples",
               f"data.data_dir={shakespeare_data_dir}", f"data.tokenizer={shakespeare_tokenizer.path}",
@@ -110,7 +103,7 @@ def test_two_processes_match_one_process(tmp_path, shakespeare_data_dir, shakesp
     for i, (p, (_, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i}: {err[-3000:]}"
     assert "'data': 2" in outs[0][1], "the 2-process run should see 2 devices on its data axis"
-    want, got = _losses(single), _losses(multi)
+    want, got = step_losses(single), step_losses(multi)
     assert sorted(got) == [1, 2, 3, 4, 5]
     for s in want:
         assert abs(got[s] - want[s]) <= 1e-5, f"step {s}: 2 processes {got[s]} vs 1 process {want[s]}"

@@ -18,6 +18,7 @@ from atlas_jax import checkpoint as ckpt
 from atlas_jax.config import Config, DataConfig, ModelConfig, TrainConfig, resolve
 from atlas_jax.sharding import make_mesh
 from atlas_jax.train_step import create_sharded_state, make_train_step
+from tests.runs import step_losses
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -35,16 +36,6 @@ def run_train(args, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "atlas_jax.train", *args], env=env, cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    """Per-step train loss from metrics.jsonl; a resumed run re-logs steps and the last record wins."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        if "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
