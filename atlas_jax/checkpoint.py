@@ -77,6 +77,11 @@ def _read_json_item(step_dir: Path, item: str) -> dict:
         raise CheckpointError(f"{path}: corrupt checkpoint file; delete {step_dir} to resume from an earlier one") from None
 
 
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract: PyTree, shardings: PyTree, cfg: Config) -> tuple[PyTree, dict]:
     """Restore the train state (in its shardings) and the data iterator state of `step`."""
     step_dir = Path(manager.directory) / str(step)
@@ -96,8 +101,7 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: PyTree, shardin
     try:
         out = manager.restore(step, args=args)
     except Exception as e:  # orbax/tensorstore raise many types for damaged files
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{step_dir}: corrupt or unreadable checkpoint ({first}); "
+        raise CheckpointError(f"{step_dir}: corrupt or unreadable checkpoint ({_first_line(e)}); "
                               f"delete it to resume from an earlier one") from None
     state = {"params": out["params"], "opt_state": out["opt_state"], **out["train"]}
     return state, out["data_iter"]
@@ -135,8 +139,7 @@ def load_for_inference(path: str | Path) -> tuple[PyTree, Config, Path]:
     try:
         params = ocp.StandardCheckpointer().restore(step_dir.absolute() / "params", abstract)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{step_dir}: corrupt or unreadable params ({first})") from None
+        raise CheckpointError(f"{step_dir}: corrupt or unreadable params ({_first_line(e)})") from None
     params = jax.tree_util.tree_map(np.asarray, params)
     tokenizer = tokenizer_path(run_dir, cfg)
     return params, cfg, tokenizer

@@ -93,16 +93,18 @@ def prepare_run(cfg: Config, run_dir: Path):
 
     data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else run_dir / "data"
     tok_src = Path(cfg.data.tokenizer) if cfg.data.tokenizer else data_dir / "tokenizer.model"
+    meta = None
     if _is_main():
-        ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=_log)
+        meta = ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=_log)
         run_dir.mkdir(parents=True, exist_ok=True)
         if not (run_dir / "tokenizer.model").is_file() or (run_dir / "tokenizer.model").read_bytes() != tok_src.read_bytes():
             shutil.copyfile(tok_src, run_dir / "tokenizer.model")
         save_config(cfg, run_dir / "config.yaml")
     if jax.process_count() > 1:  # the others wait for process 0's files
         multihost_utils.sync_global_devices("atlas_run_prepared")
-    meta = ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=lambda *_: None)
-    return data_dir, meta, tok_src
+    if meta is None:  # the other processes read what process 0 prepared
+        meta = ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=lambda *_: None)
+    return data_dir, meta
 
 
 def _val_set(cfg: Config, data_dir: Path, token_bytes: np.ndarray, n_devices: int):
@@ -204,7 +206,7 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
         moved = ckpt.archive_run(run_dir)
         if moved:
             _log(f"--fresh: moved the previous run to {moved}")
-    data_dir, meta, tok_path = prepare_run(cfg, run_dir)
+    data_dir, meta = prepare_run(cfg, run_dir)
     tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
     token_bytes = tokenizer.token_byte_lengths()
 

@@ -98,6 +98,8 @@ def seed_cache(name: str, local_path: str | Path) -> Path:
         raise DataError(f"{local_path}: file not found; cannot seed the cache for '{name}'")
     _check(local_path, corpus, f"copy of '{name}'")
     path = corpus_path(name)
+    if path.is_file() and sha256_file(path) == corpus.sha256:
+        return path  # already seeded: leave it (and its mtime, which prepared shards fingerprint) alone
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
     shutil.copyfile(local_path, tmp)
