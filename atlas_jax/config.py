@@ -22,7 +22,7 @@ from atlas_jax.errors import ConfigError
 ARCHS = ("llama", "gpt2")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("xla", "cudnn", "einsum")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZER_TYPES = ("bpe", "unigram")
 
@@ -45,7 +45,9 @@ class ModelConfig:
     compute_dtype: str = "float32"  # float32 | bfloat16
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots
-    attention: str = "xla"  # xla (jax.nn.dot_product_attention) | cudnn | einsum
+    # auto (cudnn on a GPU in bf16/f16, xla on a GPU in f32, einsum elsewhere) | xla
+    # (jax.nn.dot_product_attention) | cudnn | einsum (grouped einsums, fastest on CPU)
+    attention: str = "auto"
 
     @property
     def head_dim(self) -> int:

@@ -238,7 +238,8 @@ def train_atlas_jax(cfg: dict, steps: int, warmup: int, params_out: str | None =
 
 def train_torch(cfg: dict, steps: int, warmup: int, compile: bool, params_in: str | None = None,
                 device: str = "cpu") -> dict:
-    """atlas_torch_ref (eager or torch.compile) + torch AdamW with the config's settings."""
+    """atlas_torch_ref (eager or torch.compile) + torch AdamW with the config's settings, accumulating
+    gradients over train.microbatches as atlas_jax does."""
     import torch
 
     from atlas_torch_ref import RefConfig, Transformer, load_params
@@ -264,10 +265,16 @@ def train_torch(cfg: dict, steps: int, warmup: int, compile: bool, params_in: st
     loss_fn = torch.compile(model.loss) if compile else model.loss
     clip = t_cfg["grad_clip"]
 
+    mb = t_cfg["microbatches"]
+
     def step(b):
-        loss = loss_fn(b["inputs"], b["targets"])
+        # Gradient accumulation over the config's microbatches (strided rows, as atlas_jax.train_step).
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = 0.0
+        for j in range(mb):
+            part = loss_fn(b["inputs"][j::mb], b["targets"][j::mb]) / mb
+            part.backward()
+            loss = loss + part.detach()
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
@@ -492,25 +499,29 @@ def cmd_train(args) -> dict:
                "peak_source": peak_src, "load_avg_start": load_avg(), "frameworks": {}}
     _log(f"train: {source or 'flags'}, batch {b} x seq {t}, {steps} steps after {warmup} warm-up; peak "
          f"{peak / 1e9:,.1f} GFLOP/s ({peak_src})")
+    raw = {}
+
+    def measure(name: str, fn, **kwargs) -> None:
+        raw[name] = in_child(fn, steps=steps, warmup=warmup, **kwargs)
+        _log(f"  {name}: " + (raw[name]["error"] if "error" in raw[name] else
+                              f"{b * t / np.median(raw[name]['step_s']):,.0f} tokens/s"))
+
     with tempfile.TemporaryDirectory(prefix="atlas-bench-") as tmp:
         params = str(Path(tmp) / "params.npz")
-        raw = {}
-        for fw in ["atlas_jax"] + [f for f in frameworks if f != "atlas_jax"]:
-            if fw == "atlas_jax":  # always: it writes the initial params the torch runs start from
-                raw[fw] = in_child(train_atlas_jax, cfg=_cfg_dict(cfg), steps=steps, warmup=warmup,
-                                   params_out=params)
-            else:
-                raw[fw] = in_child(train_torch, cfg=_cfg_dict(cfg), steps=steps, warmup=warmup,
-                                   compile=fw == "torch_compile", device=torch_device(),
-                                   params_in=params if Path(params).exists() else None)
-            _log(f"  {fw}: " + (raw[fw]["error"] if "error" in raw[fw] else
-                                f"{b * t / np.median(raw[fw]['step_s']):,.0f} tokens/s"))
+        # atlas_jax always runs first: it writes the initial params the torch runs start from.
+        measure("atlas_jax", train_atlas_jax, cfg=_cfg_dict(cfg), params_out=params)
+        torch_runs = [(fw, cfg) for fw in frameworks if fw != "atlas_jax"]
+        if "torch_eager" in frameworks and cfg.train.microbatches > 1:
+            # torch's best may be the whole batch at once: measured too, so no ratio is taken against
+            # a setting chosen for atlas_jax.
+            whole = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=1))
+            torch_runs.append(("torch_eager microbatches 1", whole))
+        for fw, c in torch_runs:
+            measure(fw, train_torch, cfg=_cfg_dict(c), compile=fw == "torch_compile", device=torch_device(),
+                    params_in=params if Path(params).exists() else None)
         configured, _ = bench_config(args, keep_dropout=True)
         if "atlas_jax" in frameworks and configured.model.dropout > 0:  # what a real run of the config costs
-            fw = f"atlas_jax dropout {configured.model.dropout:g}"
-            raw[fw] = in_child(train_atlas_jax, cfg=_cfg_dict(configured), steps=steps, warmup=warmup)
-            _log(f"  {fw}: " + (raw[fw]["error"] if "error" in raw[fw] else
-                                f"{b * t / np.median(raw[fw]['step_s']):,.0f} tokens/s"))
+            measure(f"atlas_jax dropout {configured.model.dropout:g}", train_atlas_jax, cfg=_cfg_dict(configured))
     for fw, r in raw.items():
         section["frameworks"][fw] = summarize_train(r, b * t, flops_tok, peak)
     jax_tps = section["frameworks"]["atlas_jax"].get("tokens_per_s")

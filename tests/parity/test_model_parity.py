@@ -44,7 +44,10 @@ GRAD_RTOL = 1e-4
 GRAD_NORM_FLOOR = 1e-2
 DECODE_ATOL = 1e-4
 ATTENTION_IMPL_ATOL = 1e-5
-REMAT_ATOL = 0.0  # observed bit-identical on CPU; see test_remat_gives_identical_logits_and_grads
+REMAT_ATOL = 0.0  # logits: observed bit-identical on CPU; see test_remat_gives_identical_logits_and_grads
+# Gradients: on CPU remat=none computes weight gradients through model.rowmajor_grad_dot_general (x^T
+# materialised), remat takes plain dot_generals; same products, another summation order (1.5e-8 seen).
+REMAT_GRAD_ATOL = 1e-6
 BF16_MIN_TOP1 = 0.99
 
 MAX_T = 16
@@ -254,13 +257,13 @@ def test_remat_gives_identical_logits_and_grads(name, policy, observe):
     base = flatten(jax_loss_and_grads(name, 7, 3).grads)
     for path, g in flatten(jax_loss_and_grads(name, 7, 3, remat=policy).grads).items():
         observe("remat vs none, grads max |Δ|", assert_close(
-            f"{name} remat={policy} grad {'/'.join(path)}", g, base[path], REMAT_ATOL,
+            f"{name} remat={policy} grad {'/'.join(path)}", g, base[path], REMAT_GRAD_ATOL,
             axes=tuple(f"dim{i}" for i in range(g.ndim))))
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_einsum_attention_matches_xla(name, observe):
-    einsum, xla = jax_logits(name, MAX_T, 3, attention="einsum"), jax_logits(name, MAX_T, 3)
+    einsum, xla = jax_logits(name, MAX_T, 3, attention="einsum"), jax_logits(name, MAX_T, 3, attention="xla")
     observe("attention einsum vs xla, logits max |Δ|", assert_close(
         f"{name} einsum vs xla logits", einsum, xla, ATTENTION_IMPL_ATOL))
     assert_close(f"{name} einsum vs torch logits", einsum, torch_logits(name, MAX_T, 3), LOGITS_ATOL)

@@ -82,7 +82,7 @@ def test_init_cache_shapes_and_decode_advances_the_index():
     cfg = tiny(compute_dtype="bfloat16")
     cache = M.init_cache(cfg, batch=2, max_len=12)
     assert len(cache["layers"]) == cfg.n_layers
-    assert all(kv["k"].shape == kv["v"].shape == (2, 12, KV, cfg.head_dim) and kv["k"].dtype == jnp.bfloat16
+    assert all(kv["k"].shape == kv["v"].shape == (2, KV, 12, cfg.head_dim) and kv["k"].dtype == jnp.bfloat16
                for kv in cache["layers"])
     assert cache["pos"].shape == (2, 12) and bool(jnp.all(cache["pos"] == -1)) and int(cache["index"]) == 0
     params = M.init_params(cfg, jax.random.key(0))
@@ -102,7 +102,7 @@ def test_attention_is_causal_and_groups_query_heads_by_h_div_group(impl):
     b, t, n, kv, h = 2, 6, 4, 2, 8
     q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
         jax.random.split(jax.random.key(0), 3), [(b, t, n, h), (b, t, kv, h), (b, t, kv, h)]))
-    attention = jax.jit(lambda q, k, v: M.attention(q, k, v, None, impl))
+    attention = jax.jit(lambda q, k, v: M.attention(q, k, v, impl))
     out = attention(q, k, v)
     # Position 0 sees only itself: query head i outputs v of kv head i // (n / kv).
     np.testing.assert_allclose(out[:, 0], v[:, 0, np.arange(n) // (n // kv)], atol=1e-6)
@@ -117,7 +117,30 @@ def test_explicit_causal_mask_equals_is_causal():
     q, k, v = (jax.random.normal(key, (2, 5, 4, 8)) for key in jax.random.split(jax.random.key(1), 3))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((5, 5), bool)), (2, 5, 5))
     for impl in ("xla", "einsum"):
-        np.testing.assert_allclose(M.attention(q, k, v, mask, impl), M.attention(q, k, v, None, impl), atol=1e-6)
+        np.testing.assert_allclose(M.einsum_attention(q, k, v, mask), M.attention(q, k, v, impl), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rowmajor_grad_dense_matches_plain_dot_general(dtype):
+    """The Dense matmul with the CPU weight-gradient path: same value, same gradients as lax.dot_general."""
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (3, 7, 24)).astype(dtype)
+    w = jax.random.normal(kw, (24, 40)).astype(dtype)
+    g = jax.random.normal(kg, (3, 7, 40)).astype(dtype)
+    dims = (((2,), (0,)), ((), ()))
+    plain = lambda x, w: jnp.sum(jax.lax.dot_general(x, w, dims).astype(jnp.float32) * g)  # noqa: E731
+    fast = lambda x, w: jnp.sum(M.rowmajor_grad_dot_general(x, w, dims).astype(jnp.float32) * g)  # noqa: E731
+    (v0, (dx0, dw0)), (v1, (dx1, dw1)) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w) for f in (plain, fast))
+    tol = 1e-5 if dtype == "float32" else 5e-2
+    np.testing.assert_allclose(v1, v0, rtol=tol)
+    assert dx1.dtype == dx0.dtype == x.dtype and dw1.dtype == dw0.dtype == w.dtype
+    np.testing.assert_allclose(np.asarray(dx1, np.float32), np.asarray(dx0, np.float32), rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dw1, np.float32), np.asarray(dw0, np.float32), rtol=tol, atol=tol)
+
+
+def test_auto_attention_picks_einsum_on_cpu():
+    assert M.attention_impl(tiny()) == "einsum"  # the suite runs on CPU
+    assert M.attention_impl(tiny(attention="xla")) == "xla"
 
 
 # --------------------------------------------------------------------------- rope
