@@ -111,25 +111,68 @@ def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
 # --------------------------------------------------------------------------- attention
 
 
+def _flat_t(x_BxKxGxTxH: Array) -> Array:
+    """[B, K, G, T, H] -> [B, K, H, G*T], materialised (the barrier keeps XLA from folding the transpose
+    into the product that reads it, which would then transpose the [.., G*T, S] operand instead)."""
+    b, k, g, t, h = x_BxKxGxTxH.shape
+    return jax.lax.optimization_barrier(x_BxKxGxTxH.reshape(b, k, g * t, h).transpose(0, 1, 3, 2))
+
+
+def _s_major_grad(x_BxKxGxTxH: Array, d_BxKxGxTxS: Array) -> Array:
+    """sum over g, t of d[.., g, t, s] x[.., g, t, h] -> [B, K, S, H], computed as x^T d so that the
+    [G*T, S] operand is read row-major: on CPU, XLA otherwise transposes the whole score-sized tensor
+    (at seq 1024 that was a third of the step)."""
+    b, k, g, t, s = d_BxKxGxTxS.shape
+    out_BxKxHxS = jnp.einsum("bkhx,bkxs->bkhs", _flat_t(x_BxKxGxTxH), d_BxKxGxTxS.reshape(b, k, g * t, s))
+    return out_BxKxHxS.transpose(0, 1, 3, 2)
+
+
+@jax.custom_vjp
+def _scores(q_BxKxGxTxH: Array, k_BxKxSxH: Array) -> Array:
+    return jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH)
+
+
+def _scores_bwd(res, ds):
+    q, k = res
+    return jnp.einsum("bkgts,bksh->bkgth", ds, k).astype(q.dtype), _s_major_grad(q, ds).astype(k.dtype)
+
+
+_scores.defvjp(lambda q, k: (_scores(q, k), (q, k)), _scores_bwd)
+
+
+@jax.custom_vjp
+def _mix(p_BxKxGxTxS: Array, v_BxKxSxH: Array) -> Array:
+    return jnp.einsum("bkgts,bksh->bkgth", p_BxKxGxTxS, v_BxKxSxH)
+
+
+def _mix_bwd(res, do):
+    p, v = res
+    return jnp.einsum("bkgth,bksh->bkgts", do, v).astype(p.dtype), _s_major_grad(do, p).astype(v.dtype)
+
+
+_mix.defvjp(lambda p, v: (_mix(p, v), (p, v)), _mix_bwd)
+
+
 def grouped_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
                       mask_BxTxS: Array | None) -> Array:
     """Attention written out in the grouped, head-major layout: causal when mask is None.
 
     Query head k*G + g reads key/value head k. The scores stay [B, K, G, T, S] from the first
     einsum to the second, so no layout change of the biggest tensor happens in between (on CPU
-    that is ~5% of a training step against jax.nn.dot_product_attention's [B, T, N, H] path).
-    Returns out_BxKxGxTxH.
+    that is ~5% of a training step against jax.nn.dot_product_attention's [B, T, N, H] path), and
+    the backward computes dK and dV from transposed small operands (`_s_major_grad`). Returns
+    out_BxKxGxTxH.
     """
     h = q_BxKxGxTxH.shape[-1]
     t, s = q_BxKxGxTxH.shape[3], k_BxKxSxH.shape[2]
-    scores = jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH).astype(jnp.float32) / math.sqrt(h)
+    scores = _scores(q_BxKxGxTxH, k_BxKxSxH).astype(jnp.float32) / math.sqrt(h)
     if mask_BxTxS is None:
         mask = jnp.tril(jnp.ones((t, s), bool), s - t)
     else:
         mask = mask_BxTxS[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
-    return jnp.einsum("bkgts,bksh->bkgth", probs, v_BxKxSxH)
+    return _mix(probs, v_BxKxSxH)
 
 
 def to_grouped(q_BxTxNxH: Array, n_kv_heads: int) -> Array:

@@ -3,16 +3,20 @@
     python scripts/bench.py train   [--config configs/shakespeare.yaml] [section.key=value ...]
     python scripts/bench.py decode  [--checkpoint RUN_DIR]
     python scripts/bench.py scaling
+    python scripts/bench.py quality --checkpoint RUN_DIR
     ... --quick        tiny sizes and few steps: a smoke test, each subcommand under a minute on a
                        quiet 2-core machine (the first torch.compile on a machine adds ~1 minute)
 
 - train: the same model, batch and sequence length through atlas_jax's jitted `train_step`
   (make_mesh + create_sharded_state), atlas_torch_ref eager and atlas_torch_ref under
   torch.compile, from the same initial params, AdamW with the same settings on both sides. Median
-  step time after warm-up, tokens/s, MFU, peak memory, atlas_jax's speed-up over each.
+  step time after warm-up (pooled over --rounds interleaved rounds), tokens/s, MFU, peak memory,
+  atlas_jax's speed-up over each.
 - decode: greedy prefill and decode tokens/s at batch 1 and 32, atlas_jax (`sample.generate`)
   against llama.cpp on GGUF files exported from the same params (f32 and q8_0).
 - scaling: atlas_jax (and torch eager) tokens/s as the sequence grows and as the model grows.
+- quality: every GGUF type of a trained run in llama.cpp against atlas_jax: file size, max
+  |dlogit|, top-1 agreement, validation perplexity, greedy continuation.
 
 Results merge into --out (JSON, default docs/benchmarks.json, one section per subcommand) and are
 rendered as tables into --md (default: --out with .md) between the `bench:begin/end` markers,
@@ -495,33 +499,48 @@ def cmd_train(args) -> dict:
     peak, peak_src = peak_flops(args.quick)
     flops_tok = flops_per_token(cfg.model, t)
     section = {"config": source, "model": model_summary(cfg), "batch_size": b, "seq_len": t,
+               "microbatches": cfg.train.microbatches,
                "steps": steps, "warmup": warmup, "flops_per_token": flops_tok, "peak_flops": peak,
                "peak_source": peak_src, "load_avg_start": load_avg(), "frameworks": {}}
     _log(f"train: {source or 'flags'}, batch {b} x seq {t}, {steps} steps after {warmup} warm-up; peak "
          f"{peak / 1e9:,.1f} GFLOP/s ({peak_src})")
-    raw = {}
+    rounds = args.rounds or (1 if args.quick else 3)
+    section["rounds"] = rounds
+    raw: dict[str, dict] = {}
 
     def measure(name: str, fn, **kwargs) -> None:
-        raw[name] = in_child(fn, steps=steps, warmup=warmup, **kwargs)
-        _log(f"  {name}: " + (raw[name]["error"] if "error" in raw[name] else
-                              f"{b * t / np.median(raw[name]['step_s']):,.0f} tokens/s"))
+        """One fresh child per framework per round; the step times of all rounds are pooled."""
+        got = in_child(fn, steps=steps, warmup=warmup, **kwargs)
+        _log(f"  {name}: " + (got["error"] if "error" in got else
+                              f"{b * t / np.median(got['step_s']):,.0f} tokens/s"))
+        if name not in raw or "error" in got:
+            raw[name] = {**got, "round_medians": []} if "error" not in got else got
+        elif "error" not in raw[name]:
+            raw[name]["step_s"] = raw[name]["step_s"] + got["step_s"]
+        if "error" not in raw[name]:
+            raw[name]["round_medians"].append(float(np.median(got["step_s"])))
 
     with tempfile.TemporaryDirectory(prefix="atlas-bench-") as tmp:
         params = str(Path(tmp) / "params.npz")
-        # atlas_jax always runs first: it writes the initial params the torch runs start from.
-        measure("atlas_jax", train_atlas_jax, cfg=_cfg_dict(cfg), params_out=params)
         torch_runs = [(fw, cfg) for fw in frameworks if fw != "atlas_jax"]
         if "torch_eager" in frameworks and cfg.train.microbatches > 1:
             # torch's best may be the whole batch at once: measured too, so no ratio is taken against
             # a setting chosen for atlas_jax.
             whole = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=1))
             torch_runs.append(("torch_eager microbatches 1", whole))
-        for fw, c in torch_runs:
-            measure(fw, train_torch, cfg=_cfg_dict(c), compile=fw == "torch_compile", device=torch_device(),
-                    params_in=params if Path(params).exists() else None)
         configured, _ = bench_config(args, keep_dropout=True)
-        if "atlas_jax" in frameworks and configured.model.dropout > 0:  # what a real run of the config costs
-            measure(f"atlas_jax dropout {configured.model.dropout:g}", train_atlas_jax, cfg=_cfg_dict(configured))
+        # Rounds interleave the frameworks, so a slow spell of a shared machine is spread over all of them.
+        for r in range(rounds):
+            if rounds > 1:
+                _log(f" round {r + 1}/{rounds}")
+            # atlas_jax always runs first: it writes the initial params the torch runs start from.
+            measure("atlas_jax", train_atlas_jax, cfg=_cfg_dict(cfg), params_out=params if r == 0 else None)
+            for fw, c in torch_runs:
+                measure(fw, train_torch, cfg=_cfg_dict(c), compile=fw == "torch_compile", device=torch_device(),
+                        params_in=params if Path(params).exists() else None)
+            if "atlas_jax" in frameworks and configured.model.dropout > 0:  # what a real run of the config costs
+                measure(f"atlas_jax dropout {configured.model.dropout:g}", train_atlas_jax,
+                        cfg=_cfg_dict(configured))
     for fw, r in raw.items():
         section["frameworks"][fw] = summarize_train(r, b * t, flops_tok, peak)
     jax_tps = section["frameworks"]["atlas_jax"].get("tokens_per_s")
@@ -625,13 +644,33 @@ def _decode_line(res: dict) -> str:
                      f"prefill {v['prefill_tokens_per_s']:,.0f} tok/s" for k, v in res["results"].items())
 
 
-def _train_point(cfg, steps: int, warmup: int, with_torch: bool, peak: float) -> dict:
+def _pick_microbatches(cfg) -> tuple[int, dict[int, float]]:
+    """The train.microbatches (1, 2, 4, 8 or 16, dividing the batch) with the fastest atlas_jax step,
+    from two timed steps each: the best split trades per-op overhead (many small microbatches)
+    against the XLA:CPU temporaries of a big one, and moves with the sequence length."""
+    tried = {}
+    for m in (1, 2, 4, 8, 16):
+        if cfg.train.batch_size % m == 0:
+            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=m))
+            raw = in_child(train_atlas_jax, cfg=_cfg_dict(c), steps=2, warmup=1)
+            if "error" not in raw:
+                tried[m] = float(np.median(raw["step_s"]))
+    return (min(tried, key=tried.get) if tried else cfg.train.microbatches), tried
+
+
+def _train_point(cfg, steps: int, warmup: int, with_torch: bool, peak: float, tune: bool = False) -> dict:
+    """atlas_jax (and torch eager) at one size; tune: first pick train.microbatches for atlas_jax
+    (`_pick_microbatches`), which both frameworks then use."""
     from atlas_jax.model import flops_per_token
 
     b, t = cfg.train.batch_size, cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, t)
     point = {"batch_size": b, "seq_len": t, "params": model_summary(cfg)["params"],
              "flops_per_token": flops_tok}
+    if tune:
+        best, point["microbatch_step_s"] = _pick_microbatches(cfg)
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=best))
+    point["microbatches"] = cfg.train.microbatches
     raw = in_child(train_atlas_jax, cfg=_cfg_dict(cfg), steps=steps, warmup=warmup)
     point["atlas_jax"] = summarize_train(raw, b * t, flops_tok, peak)
     if with_torch:
@@ -664,8 +703,9 @@ def cmd_scaling(args) -> dict:
     tokens = args.tokens_per_step or (256 if args.quick else 8192)
     sizes = (args.sizes or ("tiny,shakespeare" if args.quick else "tiny,shakespeare,124M")).split(",")
     with_torch = (not args.quick) if args.torch is None else args.torch
-    dtype = ["model.compute_dtype=float32", "model.attention=xla"] if cpu else \
-        ["model.compute_dtype=bfloat16", "model.attention=cudnn"]
+    # model.attention=auto: the grouped einsums on CPU, cuDNN on a GPU in bf16.
+    dtype = ["model.compute_dtype=float32", "model.attention=auto"] if cpu else \
+        ["model.compute_dtype=bfloat16", "model.attention=auto"]
     _, source = bench_config(args)
     section = {"seq_config": source, "tokens_per_step": tokens, "torch_eager": with_torch, "steps": steps,
                "warmup": warmup, "peak_flops": peak, "peak_source": peak_src, "dtype": dtype,
@@ -676,8 +716,8 @@ def cmd_scaling(args) -> dict:
             section["seq_len"].append({"seq_len": t, "skipped": f"{t} does not divide --tokens-per-step"})
             continue
         cfg, _ = bench_config(args, extra=dtype + [f"model.max_seq_len={t}", f"data.seq_len={t}",
-                                                   f"train.batch_size={tokens // t}"])
-        point = _train_point(cfg, steps, warmup, with_torch, peak)
+                                                   f"train.batch_size={tokens // t}", "train.microbatches=1"])
+        point = _train_point(cfg, steps, warmup, with_torch, peak, tune=not args.quick)
         section["seq_len"].append(point)
         _log(f"  seq {t}: " + _point_line(point))
     t = seq_lens[0] if args.quick else 256
@@ -699,7 +739,8 @@ def cmd_scaling(args) -> dict:
             section["params"].append({"name": name, "skipped": f"not enough memory: {why}"})
             _log(f"  {name}: skipped, {why}")
             continue
-        point = {"name": name, **_train_point(cfg, steps, warmup, with_torch and note is None, peak)}
+        point = {"name": name, **_train_point(cfg, steps, warmup, with_torch and note is None, peak,
+                                              tune=not args.quick and note is None)}
         if note:
             point["note"] = note
         section["params"].append(point)
@@ -708,6 +749,24 @@ def cmd_scaling(args) -> dict:
     png = Path(args.png) if args.png else Path(args.out).with_name("scaling.png")
     plot_scaling(section, png)
     section["png"] = str(png.relative_to(REPO)) if png.resolve().is_relative_to(REPO) else str(png)
+    return section
+
+
+def cmd_quality(args) -> dict:
+    """Every GGUF type of a trained run against atlas_jax in llama.cpp: size, logits, perplexity."""
+    from atlas_jax.export.gguf import ALL_FTYPES, compare_run_with_llamacpp
+
+    if not args.checkpoint:
+        raise BenchError("quality: pass --checkpoint RUN_DIR (a trained run: quality of random weights means little)")
+    ftypes = args.ftypes.split(",")
+    unknown = [f for f in ftypes if f.removesuffix("-rtn") not in ALL_FTYPES]
+    if unknown:
+        raise BenchError(f"--ftypes: unknown {', '.join(unknown)}; choose from {', '.join(ALL_FTYPES)} (and q4_0-rtn)")
+    section = {"checkpoint": args.checkpoint, "n_windows": args.windows, "load_avg_start": load_avg()}
+    _log(f"quality: {args.checkpoint}, {', '.join(ftypes)} on {args.windows} validation windows")
+    with tempfile.TemporaryDirectory(prefix="atlas-quality-") as tmp:
+        section["types"] = compare_run_with_llamacpp(args.checkpoint, tmp, ftypes, n_windows=args.windows)
+    section["load_avg_end"] = load_avg()
     return section
 
 
@@ -772,20 +831,23 @@ def _md_train(tr: dict) -> list[str]:
     rows = []
     for fw, r in tr["frameworks"].items():
         if "error" in r:
-            rows.append([fw, f"error: {r['error']}"] + [""] * 6)
+            rows.append([fw, f"error: {r['error']}"] + [""] * 7)
             continue
         mem = _fmt(r.get("peak_rss_mib"))
         if r.get("peak_device_mib"):
             mem += f" (device {_fmt(r['peak_device_mib'])})"
-        rows.append([fw, _fmt(r["step_s_median"] * 1e3, 1), _fmt(r["tokens_per_s"]), f"{r['mfu']:.1%}", mem,
-                     _fmt(r["compile_s"], 1), f"{r['first_loss']:.4f}", _fmt(r.get("atlas_jax_speedup"), 2, "x")])
+        per_round = " / ".join(f"{x * 1e3:.0f}" for x in r.get("round_medians", []))
+        rows.append([fw, _fmt(r["step_s_median"] * 1e3, 1), per_round, _fmt(r["tokens_per_s"]), f"{r['mfu']:.1%}",
+                     mem, _fmt(r["compile_s"], 1), f"{r['first_loss']:.4f}", _fmt(r.get("atlas_jax_speedup"), 2, "x")])
     return [f"### train: {tr['config'] or 'flags'}", "", f"`{tr['command']}`  ",
             f"{m['arch']}, d_model {m['d_model']}, {m['n_layers']} layers, {m['n_heads']}/{m['n_kv_heads']} heads, "
             f"vocab {m['vocab_size']}, {m['params']:,} params; batch {tr['batch_size']} x seq {tr['seq_len']}; "
-            f"dropout 0 (the torch twin has none) except in a 'dropout' row; median of {tr['steps']} steps after "
-            f"{tr['warmup']} warm-up. MFU against {tr['peak_flops'] / 1e9:,.1f} GFLOP/s ({tr['peak_source']}). "
+            f"dropout 0 (the torch twin has none) except in a 'dropout' row; torch accumulates "
+            f"train.microbatches={tr.get('microbatches', 1)} as atlas_jax does except in a 'microbatches 1' row. "
+            f"Median of {tr['steps']} steps after {tr['warmup']} warm-up in each of {tr.get('rounds', 1)} rounds "
+            f"(a fresh process per framework per round, frameworks interleaved). MFU against {tr['peak_flops'] / 1e9:,.1f} GFLOP/s ({tr['peak_source']}). "
             f"Load average {tr['load_avg_start']} -> {tr['load_avg_end']}.", ""] + _table(
-        ["framework", "step (ms)", "tokens/s", "MFU", "peak RSS (MiB)", "compile (s)", "first loss",
+        ["framework", "step (ms)", "per round (ms)", "tokens/s", "MFU", "peak RSS (MiB)", "compile (s)", "first loss",
          "atlas_jax speed-up"], rows) + [""]
 
 
@@ -816,20 +878,41 @@ def _md_scaling(sc: dict) -> list[str]:
     for p in sc["seq_len"] + sc["params"]:
         label = p.get("name") or f"seq {p['seq_len']}"
         if "skipped" in p:
-            rows.append([label, f"skipped: {p['skipped']}"] + [""] * 5)
+            rows.append([label, f"skipped: {p['skipped']}"] + [""] * 6)
             continue
         a, t = p.get("atlas_jax", {}), p.get("torch_eager", {})
         speedup = a["tokens_per_s"] / t["tokens_per_s"] if "tokens_per_s" in a and "tokens_per_s" in t else None
         rows.append([label + (f" ({p['note']})" if p.get("note") else ""), _fmt(p["params"]),
-                     f"{p['batch_size']} x {p['seq_len']}", a.get("error") or _fmt(a.get("tokens_per_s")),
+                     f"{p['batch_size']} x {p['seq_len']}", str(p.get("microbatches", 1)),
+                     a.get("error") or _fmt(a.get("tokens_per_s")),
                      f"{a['mfu']:.1%}" if "mfu" in a else "-", t.get("error") or _fmt(t.get("tokens_per_s")),
                      _fmt(speedup, 2, "x")])
     return ["### scaling", "", f"`{sc['command']}`  ",
             f"{sc['tokens_per_step']} tokens per step (batch x seq), median of {sc['steps']} steps after "
-            f"{sc['warmup']} warm-up, {' '.join(sc['dtype'])}, dropout 0; sequence points use "
+            f"{sc['warmup']} warm-up, {' '.join(sc['dtype'])}, dropout 0; train.microbatches per point is the "
+            f"fastest for atlas_jax of 1/2/4/8/16 (two timed steps each; both frameworks then use it); sequence points use "
             f"{sc['seq_config'] or 'the flag sizes'}. MFU against {sc['peak_flops'] / 1e9:,.1f} GFLOP/s. "
             f"Load average {sc['load_avg_start']} -> {sc['load_avg_end']}. Plot: `{sc.get('png')}`.", ""] + _table(
-        ["point", "params", "batch x seq", "atlas_jax tokens/s", "MFU", "torch eager tokens/s", "atlas_jax speed-up"],
+        ["point", "params", "batch x seq", "microbatches", "atlas_jax tokens/s", "MFU", "torch eager tokens/s", "atlas_jax speed-up"],
+        rows) + [""]
+
+
+def _md_quality(q: dict) -> list[str]:
+    rows = []
+    base = q["types"].get("f32", {}).get("ppl_llamacpp")
+    for name, r in q["types"].items():
+        change = f"{r['ppl_llamacpp'] / base - 1:+.2%}" if base else ""
+        rows.append([name, f"{r['bytes'] / 2**20:.2f}", f"{r['max_abs']:.3g}", f"{r['top1']:.2%}",
+                     f"{r['ppl_llamacpp']:.3f}", change, "yes" if r.get("greedy_match") else "no"])
+    atlas_ppl = next(iter(q["types"].values()))["ppl_atlas"] if q["types"] else float("nan")
+    return [f"### quality: {q['checkpoint']}", "", f"`{q['command']}`  ",
+            f"Each type exported from the same checkpoint and run in llama.cpp (llama-cpp-python, f32 KV cache) on "
+            f"{q['n_windows']} windows from the head of the validation split; atlas_jax float32 is the reference "
+            f"(perplexity {atlas_ppl:.3f}). top-1: positions whose argmax agrees with atlas_jax. q4_0 is GPTQ "
+            f"calibrated on the train split (the default of to_gguf.py), q4_0-rtn rounds each weight "
+            f"(`--no-calibrate`); both keep the output projection at q8_0. The K-quants come from llama.cpp's "
+            f"quantizer; rows that do not split into its 256-blocks fall back per tensor.", ""] + _table(
+        ["type", "size (MiB)", "max abs dlogit", "top-1", "ppl (llama.cpp)", "vs f32", "greedy 32 = atlas_jax"],
         rows) + [""]
 
 
@@ -838,7 +921,8 @@ def render_markdown(data: dict) -> str:
     lines = [f"Machine: {mach.get('cpu')}, {mach.get('cores')} cores, {mach.get('memory_gib')} GiB; jax backend "
              f"{mach.get('jax_backend')} ({mach.get('device_kind')} x{mach.get('device_count')}).",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v) + ".", ""]
-    for name, render in (("train", _md_train), ("decode", _md_decode), ("scaling", _md_scaling)):
+    for name, render in (("train", _md_train), ("decode", _md_decode), ("scaling", _md_scaling),
+                         ("quality", _md_quality)):
         if name in data:
             lines += render(data[name])
             if data[name].get("env"):
@@ -886,6 +970,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--md", help="markdown tables (default: --out with .md)")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", parents=[common], help="atlas_jax vs torch eager vs torch.compile, one train step")
+    t.add_argument("--rounds", type=int, help="times each framework is run, interleaved (default 3; --quick 1)")
     t.add_argument("--frameworks", default=",".join(FRAMEWORKS), help=f"comma list of {', '.join(FRAMEWORKS)}")
     d = sub.add_parser("decode", parents=[common], help="atlas_jax vs llama.cpp greedy decoding")
     d.add_argument("--checkpoint", help="a trained run dir (its params, config and tokenizer)")
@@ -903,11 +988,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
                    help="torch eager beside atlas_jax (default: yes, except with --quick)")
     s.add_argument("--png", help="the plot (default: scaling.png beside --out)")
+    q = sub.add_parser("quality", parents=[common], help="GGUF types in llama.cpp against atlas_jax: size, logits, ppl")
+    q.add_argument("--checkpoint", help="a trained run dir")
+    q.add_argument("--ftypes", default="f32,f16,bf16,q8_0,q4_0,q4_0-rtn,q4_k_m,q5_k_m,q6_k")
+    q.add_argument("--windows", type=int, default=16, help="validation windows of data.seq_len tokens (default 16)")
     args = p.parse_args(argv)
 
     out = Path(args.out)
     md = Path(args.md) if args.md else out.with_suffix(".md")
-    section = {"train": cmd_train, "decode": cmd_decode, "scaling": cmd_scaling}[args.command](args)
+    section = {"train": cmd_train, "decode": cmd_decode, "scaling": cmd_scaling,
+               "quality": cmd_quality}[args.command](args)
     section["command"] = "python scripts/bench.py " + shlex.join(argv)
     section["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
     section["quick"] = args.quick

@@ -47,6 +47,7 @@ from gguf import MODEL_TENSOR as T
 
 from atlas_jax.config import ModelConfig
 from atlas_jax.errors import AtlasError
+from atlas_jax.export.quantize import gptq_q4_0
 
 
 class ExportError(AtlasError):
@@ -221,6 +222,18 @@ def gguf_tensors(params: Mapping, cfg: ModelConfig, write_output_for_tied: bool 
     return out
 
 
+def dense_inputs(cfg: ModelConfig) -> dict[str, str]:
+    """GGUF weight name -> the Atlas Dense layer whose input multiplies it ("layers_0/attn/wq"), for
+    the matrices a calibration (`quantize.input_hessians`) can inform. gpt2's fused attn_qkv takes
+    the input of wq, which k and v share."""
+    out = {}
+    for row in TENSOR_TABLE:
+        if cfg.arch in row.archs and row.suffix == "weight" and row.sources[0].endswith("/kernel"):
+            for i in range(cfg.n_layers) if "{i}" in row.sources[0] else [None]:
+                out[tensor_name(row.tensor, row.suffix, i)] = row.sources[0].format(i=i).rpartition("/")[0]
+    return out
+
+
 def tensor_type(tensor: gguf.MODEL_TENSOR, shape: tuple[int, ...], ftype: str, is_output: bool = False) -> QT:
     """The GGML type one tensor is stored in for a given --type (is_output: it is the output projection)."""
     weight_type = FTYPES[ftype][1]
@@ -313,13 +326,16 @@ def model_metadata(cfg: ModelConfig, ftype: str, name: str) -> dict[str, tuple[A
 
 def export_gguf(params: Mapping, model_cfg: ModelConfig, tokenizer_path: str | Path, out_path: str | Path,
                 ftype: str = "f32", name: str | None = None, write_output_for_tied: bool = False,
-                add_bos: bool = False) -> Path:
+                add_bos: bool = False, calibration: Mapping[str, np.ndarray] | None = None) -> Path:
     """Write `params` (an Atlas model built from the resolved `model_cfg`) and its tokenizer as GGUF.
 
     The file appears at `out_path` only when complete (written under a temporary name, then renamed).
     Tied models omit output.weight (llama.cpp reuses token_embd) unless write_output_for_tied.
     add_bos: llama.cpp prepends BOS to text prompts (tokenizer.ggml.add_bos_token). Off by default:
     Atlas trains on documents that end in EOS and never start with BOS, so prompts carry no BOS.
+    calibration: {Dense path: input second moment H} (`quantize.input_hessians` on text the model saw):
+    q4_0 matrices are then quantized by GPTQ (`quantize.gptq_q4_0`) instead of rounding each weight
+    to its nearest code; the file format is the same.
     """
     if ftype not in ALL_FTYPES:
         raise ExportError(f"--type '{ftype}' is not one of {', '.join(ALL_FTYPES)}")
@@ -355,9 +371,14 @@ def export_gguf(params: Mapping, model_cfg: ModelConfig, tokenizer_path: str | P
         for key, (value, vtype, sub_type) in meta.items():
             writer.add_key_value(key, value, vtype, sub_type=sub_type)
         has_output = any(kind == T.OUTPUT for kind, _, _ in tensors)
+        inputs = dense_inputs(cfg) if calibration else {}
         for kind, tname, array in tensors:
             is_output = kind == T.OUTPUT or (kind == T.TOKEN_EMBD and not has_output)
-            data, raw_dtype = _encode(array, tensor_type(kind, array.shape, ftype, is_output))
+            qtype = tensor_type(kind, array.shape, ftype, is_output)
+            if qtype == QT.Q4_0 and calibration and inputs.get(tname) in calibration:
+                data, raw_dtype = gptq_q4_0(array, calibration[inputs[tname]]), QT.Q4_0
+            else:
+                data, raw_dtype = _encode(array, qtype)
             writer.add_tensor(tname, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -638,13 +659,15 @@ def _nll(logits_NxTxV: np.ndarray, tokens_NxT: np.ndarray) -> tuple[float, int]:
 
 def compare_with_llamacpp(params: Mapping, cfg: ModelConfig, tokenizer_path: str | Path, windows_NxT: np.ndarray,
                           out_dir: str | Path, ftypes: Sequence[str] = ("f32", "q8_0", "q4_0"),
-                          greedy_prompt: Sequence[int] | None = None, greedy_tokens: int = 32) -> dict[str, dict]:
+                          greedy_prompt: Sequence[int] | None = None, greedy_tokens: int = 32,
+                          calibration: Mapping[str, np.ndarray] | None = None) -> dict[str, dict]:
     """Export `params` as each type in `ftypes` and hold llama.cpp to Atlas on the token windows.
 
     Per type: bytes (file size), max_abs (largest |logit difference|), top1 (fraction of positions
     whose argmax agrees), ppl_atlas / ppl_llamacpp (perplexity of windows[:, 1:]) and, with
     greedy_prompt, greedy_match (llama.cpp's greedy continuation equals Atlas' sample.generate at
-    temperature 0). The files are left in out_dir as <ftype>.gguf.
+    temperature 0). The files are left in out_dir as <ftype>.gguf. With `calibration` (see
+    export_gguf) the type "q4_0" is GPTQ-quantized and "q4_0-rtn" is the plain round-to-nearest one.
     """
     import jax
 
@@ -661,7 +684,8 @@ def compare_with_llamacpp(params: Mapping, cfg: ModelConfig, tokenizer_path: str
         atlas_greedy = np.asarray(toks)[0, :int(lengths[0])].tolist()
     report = {}
     for ftype in ftypes:
-        path = export_gguf(params, cfg, tokenizer_path, Path(out_dir) / f"{ftype}.gguf", ftype)
+        path = export_gguf(params, cfg, tokenizer_path, Path(out_dir) / f"{ftype}.gguf", ftype.removesuffix("-rtn"),
+                           calibration=None if ftype.endswith("-rtn") else calibration)
         got = np.stack(llamacpp_logits(path, [w.tolist() for w in windows_NxT]))
         nll, _ = _nll(got, windows_NxT)
         row = {"bytes": path.stat().st_size, "max_abs": float(np.abs(got - ref).max()),
@@ -674,19 +698,49 @@ def compare_with_llamacpp(params: Mapping, cfg: ModelConfig, tokenizer_path: str
     return report
 
 
+def run_data_dir(run_dir: str | Path, cfg) -> Path:
+    """Where a run's prepared data lives: data.data_dir, or <run>/data."""
+    from atlas_jax.checkpoint import find_checkpoint
+
+    run, _ = find_checkpoint(run_dir)
+    return Path(cfg.data.data_dir) if cfg.data.data_dir else Path(run) / "data"
+
+
+def run_calibration(params: Mapping, cfg, data_dir: str | Path, n_windows: int = 32) -> dict[str, np.ndarray]:
+    """`quantize.input_hessians` over n_windows data.seq_len-token windows spread evenly over the
+    run's train split (never the validation split the quality is measured on)."""
+    from atlas_jax.data.prepare import load_split
+    from atlas_jax.export.quantize import input_hessians
+
+    from atlas_jax.errors import DataError
+
+    try:
+        train = np.asarray(load_split(data_dir, "train"))
+    except (DataError, OSError) as e:
+        raise ExportError(f"{data_dir}: no train split to calibrate q4_0 on ({' '.join(str(e).split())[:200]}); "
+                          f"pass --no-calibrate") from None
+    window = cfg.data.seq_len
+    if len(train) < window + 1:
+        raise ExportError(f"{data_dir}: the train split ({len(train)} tokens) holds no {window}-token window "
+                          f"to calibrate on; pass --no-calibrate")
+    starts = np.linspace(0, len(train) - window, num=min(n_windows, len(train) // window)).astype(np.int64)
+    return input_hessians(params, cfg.model, np.stack([train[s:s + window] for s in starts]))
+
+
 def compare_run_with_llamacpp(run_dir: str | Path, out_dir: str | Path,
-                              ftypes: Sequence[str] = ("f32", "f16", "q8_0", "q4_0", "q4_k_m", "q5_k_m", "q6_k"),
+                              ftypes: Sequence[str] = ("f32", "f16", "q8_0", "q4_0", "q4_0-rtn", "q4_k_m",
+                                                       "q5_k_m", "q6_k"),
                               window: int | None = None, n_windows: int = 16, greedy_tokens: int = 32
                               ) -> dict[str, dict]:
     """`compare_with_llamacpp` for a trained run: windows from the head of its validation split
     (<data_dir>/val.bin; `window` defaults to data.seq_len), greedy continuation of the first window's
-    first 16 tokens."""
-    from atlas_jax.checkpoint import find_checkpoint, load_for_inference
+    first 16 tokens; q4_0 calibrated on the train split (`run_calibration`)."""
+    from atlas_jax.checkpoint import load_for_inference
     from atlas_jax.data.prepare import load_split
 
     params, cfg, tokenizer_path = load_for_inference(run_dir)
-    run, _ = find_checkpoint(run_dir)
-    data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else Path(run) / "data"
+    data_dir = run_data_dir(run_dir, cfg)
+    calibration = run_calibration(params, cfg, data_dir) if "q4_0" in ftypes else None
     val = np.asarray(load_split(data_dir, "val"))
     window = window or cfg.data.seq_len
     n = min(n_windows, len(val) // window)
@@ -694,4 +748,5 @@ def compare_run_with_llamacpp(run_dir: str | Path, out_dir: str | Path,
         raise ExportError(f"{data_dir}: the val split ({len(val)} tokens) holds no {window}-token window")
     windows = val[:n * window].reshape(n, window)
     return compare_with_llamacpp(params, cfg.model, tokenizer_path, windows, out_dir, ftypes,
-                                 greedy_prompt=windows[0, :16].tolist(), greedy_tokens=greedy_tokens)
+                                 greedy_prompt=windows[0, :16].tolist(), greedy_tokens=greedy_tokens,
+                                 calibration=calibration)

@@ -8,7 +8,10 @@ e.g. runs/shakespeare) is held to the trained-model bar too.
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
@@ -22,7 +25,6 @@ from atlas_jax.export.gguf import (
     LlamaCppError,
     _run_child,
     atlas_logits,
-    compare_run_with_llamacpp,
     export_gguf,
     llamacpp_generate,
     llamacpp_logits,
@@ -316,8 +318,6 @@ def trained_run(tmp_path_factory, shakespeare_data_dir, shakespeare_tokenizer):
     """ATLAS_GGUF_RUN_DIR, or a llama model trained here for 300 steps on tinyshakespeare (~30 s)."""
     if os.environ.get("ATLAS_GGUF_RUN_DIR"):
         return Path(os.environ["ATLAS_GGUF_RUN_DIR"])
-    import subprocess
-    import sys
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     repo = Path(__file__).resolve().parents[2]
@@ -333,7 +333,14 @@ def trained_run(tmp_path_factory, shakespeare_data_dir, shakespeare_tokenizer):
 
 
 def test_trained_run_matches_llamacpp(trained_run, tmp_path):
-    report = compare_run_with_llamacpp(trained_run, tmp_path, ftypes=("f32", "f16", "q8_0", "q4_0"))
+    """Through `scripts/bench.py quality` (compare_run_with_llamacpp), the tool docs/benchmarks.md is made with."""
+    out = tmp_path / "quality.json"
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "quality", "--checkpoint", str(trained_run),
+                           "--ftypes", "f32,f16,q8_0,q4_0,q4_0-rtn", "--out", str(out)],
+                          cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())["quality"]["types"]
+    assert "| q4_0-rtn |" in out.with_suffix(".md").read_text()
     lines = [f"{t:>7}: {r['bytes'] / 2**20:7.2f} MiB  max|dlogit| {r['max_abs']:.3g}  top-1 {r['top1']:.2%}  "
              f"ppl {r['ppl_llamacpp']:.3f} (Atlas {r['ppl_atlas']:.3f})  greedy {'=' if r['greedy_match'] else '!='}"
              for t, r in report.items()]
@@ -343,7 +350,10 @@ def test_trained_run_matches_llamacpp(trained_run, tmp_path):
     assert report["f32"]["greedy_match"], "llama.cpp's greedy 32 tokens differ from Atlas' (f32)\n" + summary
     assert report["f16"]["max_abs"] <= 2e-2, summary
     assert report["q8_0"]["top1"] >= 0.98, summary
-    # q4_0: the issue's top-1 >= 0.98 is not reached by models this small (0.90-0.93 measured, see the
-    # issue note); what is held here is its cost in perplexity, measured in llama.cpp.
+    # q4_0: the issue's top-1 >= 0.98 is not reached by models this small (0.90-0.96 measured, see the
+    # issue note); what is held here is its cost in perplexity, measured in llama.cpp, and that GPTQ
+    # calibrated on the train split ("q4_0") costs less than rounding each weight ("q4_0-rtn").
     ppl_change = report["q4_0"]["ppl_llamacpp"] / report["f32"]["ppl_llamacpp"] - 1
     assert ppl_change <= 0.03, f"q4_0 costs {ppl_change:.2%} perplexity\n" + summary
+    assert report["q4_0"]["ppl_llamacpp"] < report["q4_0-rtn"]["ppl_llamacpp"], summary
+    assert report["q4_0"]["bytes"] == report["q4_0-rtn"]["bytes"], summary
