@@ -87,7 +87,7 @@ def load_params(module: nn.Module, params: Mapping[str, Any]) -> nn.Module:
         if tuple(array.shape) != tuple(state[name].shape):
             raise ValueError(f"{'/'.join(path)}: shape {array.shape} (after transpose) != torch "
                              f"'{name}' {tuple(state[name].shape)}")
-        new_state[name] = torch.from_numpy(np.ascontiguousarray(array))
+        new_state[name] = torch.from_numpy(np.array(array, order="C", copy=True))  # writable, contiguous
     missing = sorted(set(state) - set(new_state))
     if missing:
         raise KeyError(f"the jax params have nothing for torch tensors {', '.join(missing)}")
