@@ -357,3 +357,25 @@ def test_trained_run_matches_llamacpp(trained_run, tmp_path):
     assert ppl_change <= 0.03, f"q4_0 costs {ppl_change:.2%} perplexity\n" + summary
     assert report["q4_0"]["ppl_llamacpp"] < report["q4_0-rtn"]["ppl_llamacpp"], summary
     assert report["q4_0"]["bytes"] == report["q4_0-rtn"]["bytes"], summary
+
+
+def test_cli_q4_0_is_calibrated_on_the_train_split_and_runs_in_llamacpp(trained_run, tmp_path):
+    repo = Path(__file__).resolve().parents[2]
+    out = {}
+    for flag in ([], ["--no-calibrate"]):
+        path = tmp_path / f"q4{'-rtn' if flag else ''}.gguf"
+        proc = subprocess.run([sys.executable, "scripts/to_gguf.py", str(trained_run), "--out", str(path),
+                               "--type", "q4_0", "--calibration-windows", "8", *flag],
+                              cwd=repo, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert ("GPTQ on 8 train windows" in proc.stdout) == (not flag), proc.stdout
+        out[bool(flag)] = path
+    calibrated, plain = (gguf.GGUFReader(out[k]) for k in (False, True))
+    names = [t.name for t in calibrated.tensors]
+    assert names == [t.name for t in plain.tensors]
+    q4 = [t for t in calibrated.tensors if t.tensor_type == gguf.GGMLQuantizationType.Q4_0]
+    assert q4, "no Q4_0 tensor in the q4_0 file"
+    by_name = {t.name: t for t in plain.tensors}
+    assert any(not np.array_equal(t.data, by_name[t.name].data) for t in q4), "GPTQ wrote the plain rounding"
+    got = np.stack(llamacpp_logits(out[False], [[5, 6, 7, 8]]))
+    assert got.shape[:2] == (1, 4) and np.isfinite(got).all()
