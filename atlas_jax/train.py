@@ -88,10 +88,10 @@ def _log(msg: str) -> None:
 
 def prepare_run(cfg: Config, run_dir: Path):
     """Tokenizer + shards (prepared once, by process 0), and the run's copy of the tokenizer."""
-    from atlas_jax.data.prepare import ensure_prepared
+    from atlas_jax.data.prepare import ensure_prepared, run_data_dir
     from jax.experimental import multihost_utils
 
-    data_dir = Path(cfg.data.data_dir) if cfg.data.data_dir else run_dir / "data"
+    data_dir = run_data_dir(cfg.data, run_dir)
     tok_src = Path(cfg.data.tokenizer) if cfg.data.tokenizer else data_dir / "tokenizer.model"
     meta = None
     if _is_main():

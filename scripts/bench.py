@@ -506,19 +506,14 @@ def cmd_train(args) -> dict:
          f"{peak / 1e9:,.1f} GFLOP/s ({peak_src})")
     rounds = args.rounds or (1 if args.quick else 3)
     section["rounds"] = rounds
-    raw: dict[str, dict] = {}
+    runs: dict[str, list[dict]] = {}  # framework -> one result per round
 
     def measure(name: str, fn, **kwargs) -> None:
-        """One fresh child per framework per round; the step times of all rounds are pooled."""
+        """One fresh child per framework per round."""
         got = in_child(fn, steps=steps, warmup=warmup, **kwargs)
         _log(f"  {name}: " + (got["error"] if "error" in got else
                               f"{b * t / np.median(got['step_s']):,.0f} tokens/s"))
-        if name not in raw or "error" in got:
-            raw[name] = {**got, "round_medians": []} if "error" not in got else got
-        elif "error" not in raw[name]:
-            raw[name]["step_s"] = raw[name]["step_s"] + got["step_s"]
-        if "error" not in raw[name]:
-            raw[name]["round_medians"].append(float(np.median(got["step_s"])))
+        runs.setdefault(name, []).append(got)
 
     with tempfile.TemporaryDirectory(prefix="atlas-bench-") as tmp:
         params = str(Path(tmp) / "params.npz")
@@ -526,8 +521,7 @@ def cmd_train(args) -> dict:
         if "torch_eager" in frameworks and cfg.train.microbatches > 1:
             # torch's best may be the whole batch at once: measured too, so no ratio is taken against
             # a setting chosen for atlas_jax.
-            whole = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=1))
-            torch_runs.append(("torch_eager microbatches 1", whole))
+            torch_runs.append(("torch_eager microbatches 1", _with_microbatches(cfg, 1)))
         configured, _ = bench_config(args, keep_dropout=True)
         # Rounds interleave the frameworks, so a slow spell of a shared machine is spread over all of them.
         for r in range(rounds):
@@ -541,8 +535,8 @@ def cmd_train(args) -> dict:
             if "atlas_jax" in frameworks and configured.model.dropout > 0:  # what a real run of the config costs
                 measure(f"atlas_jax dropout {configured.model.dropout:g}", train_atlas_jax,
                         cfg=_cfg_dict(configured))
-    for fw, r in raw.items():
-        section["frameworks"][fw] = summarize_train(r, b * t, flops_tok, peak)
+    for fw, results in runs.items():
+        section["frameworks"][fw] = summarize_train(_pool_rounds(results), b * t, flops_tok, peak)
     jax_tps = section["frameworks"]["atlas_jax"].get("tokens_per_s")
     for fw, r in section["frameworks"].items():
         if not fw.startswith("atlas_jax") and jax_tps and "tokens_per_s" in r:
@@ -644,6 +638,20 @@ def _decode_line(res: dict) -> str:
                      f"prefill {v['prefill_tokens_per_s']:,.0f} tok/s" for k, v in res["results"].items())
 
 
+def _pool_rounds(results: list[dict]) -> dict:
+    """One framework's rounds as one result: the first round's fields, every round's step times and
+    each round's median; a round that failed stands for all."""
+    failed = [r for r in results if "error" in r]
+    if failed:
+        return failed[0]
+    return {**results[0], "step_s": [s for r in results for s in r["step_s"]],
+            "round_medians": [float(np.median(r["step_s"])) for r in results]}
+
+
+def _with_microbatches(cfg, microbatches: int):
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=microbatches))
+
+
 def _pick_microbatches(cfg) -> tuple[int, dict[int, float]]:
     """The train.microbatches (1, 2, 4, 8 or 16, dividing the batch) with the fastest atlas_jax step,
     from two timed steps each: the best split trades per-op overhead (many small microbatches)
@@ -651,8 +659,7 @@ def _pick_microbatches(cfg) -> tuple[int, dict[int, float]]:
     tried = {}
     for m in (1, 2, 4, 8, 16):
         if cfg.train.batch_size % m == 0:
-            c = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=m))
-            raw = in_child(train_atlas_jax, cfg=_cfg_dict(c), steps=2, warmup=1)
+            raw = in_child(train_atlas_jax, cfg=_cfg_dict(_with_microbatches(cfg, m)), steps=2, warmup=1)
             if "error" not in raw:
                 tried[m] = float(np.median(raw["step_s"]))
     return (min(tried, key=tried.get) if tried else cfg.train.microbatches), tried
@@ -669,7 +676,7 @@ def _train_point(cfg, steps: int, warmup: int, with_torch: bool, peak: float, tu
              "flops_per_token": flops_tok}
     if tune:
         best, point["microbatch_step_s"] = _pick_microbatches(cfg)
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, microbatches=best))
+        cfg = _with_microbatches(cfg, best)
     point["microbatches"] = cfg.train.microbatches
     raw = in_child(train_atlas_jax, cfg=_cfg_dict(cfg), steps=steps, warmup=warmup)
     point["atlas_jax"] = summarize_train(raw, b * t, flops_tok, peak)
@@ -704,8 +711,7 @@ def cmd_scaling(args) -> dict:
     sizes = (args.sizes or ("tiny,shakespeare" if args.quick else "tiny,shakespeare,124M")).split(",")
     with_torch = (not args.quick) if args.torch is None else args.torch
     # model.attention=auto: the grouped einsums on CPU, cuDNN on a GPU in bf16.
-    dtype = ["model.compute_dtype=float32", "model.attention=auto"] if cpu else \
-        ["model.compute_dtype=bfloat16", "model.attention=auto"]
+    dtype = [f"model.compute_dtype={'float32' if cpu else 'bfloat16'}", "model.attention=auto"]
     _, source = bench_config(args)
     section = {"seq_config": source, "tokens_per_step": tokens, "torch_eager": with_torch, "steps": steps,
                "warmup": warmup, "peak_flops": peak, "peak_source": peak_src, "dtype": dtype,

@@ -37,14 +37,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from atlas_jax.checkpoint import find_checkpoint, load_for_inference
-    from atlas_jax.export.gguf import export_gguf, run_calibration, run_data_dir
+    from atlas_jax.data.prepare import run_data_dir
+    from atlas_jax.export.gguf import export_gguf, run_calibration
 
     start = time.perf_counter()
     params, cfg, tokenizer = load_for_inference(args.checkpoint)
     run_dir, step_dir = find_checkpoint(args.checkpoint)
     calibration, how = None, ""
     if args.ftype == "q4_0" and args.calibrate:
-        calibration = run_calibration(params, cfg, run_data_dir(args.checkpoint, cfg), args.calibration_windows)
+        calibration = run_calibration(params, cfg, run_data_dir(cfg.data, run_dir), args.calibration_windows)
         how = f", GPTQ on {args.calibration_windows} train windows"
     out = export_gguf(params, cfg.model, tokenizer, args.out, args.ftype, args.name or Path(run_dir).resolve().name,
                       args.write_output_for_tied, calibration=calibration)

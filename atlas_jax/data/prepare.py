@@ -388,6 +388,11 @@ def _write_shards(paths, cfg: DataConfig, doc_bytes, tok: Tokenizer, data_dir: P
 # --------------------------------------------------------------------------- meta + entry points
 
 
+def run_data_dir(data: DataConfig, run_dir: str | Path) -> Path:
+    """Where a run's prepared data lives: data.data_dir when set, else <run_dir>/data."""
+    return Path(data.data_dir) if data.data_dir else Path(run_dir) / "data"
+
+
 def read_meta(data_dir: str | Path) -> dict | None:
     path = Path(data_dir) / META_FILE
     if not path.is_file():

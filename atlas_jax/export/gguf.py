@@ -46,7 +46,7 @@ from gguf import Keys, LlamaFileType, TokenType
 from gguf import MODEL_TENSOR as T
 
 from atlas_jax.config import ModelConfig
-from atlas_jax.errors import AtlasError
+from atlas_jax.errors import AtlasError, DataError
 from atlas_jax.export.quantize import gptq_q4_0
 
 
@@ -371,12 +371,13 @@ def export_gguf(params: Mapping, model_cfg: ModelConfig, tokenizer_path: str | P
         for key, (value, vtype, sub_type) in meta.items():
             writer.add_key_value(key, value, vtype, sub_type=sub_type)
         has_output = any(kind == T.OUTPUT for kind, _, _ in tensors)
-        inputs = dense_inputs(cfg) if calibration else {}
+        inputs = dense_inputs(cfg)
         for kind, tname, array in tensors:
             is_output = kind == T.OUTPUT or (kind == T.TOKEN_EMBD and not has_output)
             qtype = tensor_type(kind, array.shape, ftype, is_output)
-            if qtype == QT.Q4_0 and calibration and inputs.get(tname) in calibration:
-                data, raw_dtype = gptq_q4_0(array, calibration[inputs[tname]]), QT.Q4_0
+            hessian = (calibration or {}).get(inputs.get(tname))
+            if qtype == QT.Q4_0 and hessian is not None:
+                data, raw_dtype = gptq_q4_0(array, hessian), QT.Q4_0
             else:
                 data, raw_dtype = _encode(array, qtype)
             writer.add_tensor(tname, data, raw_dtype=raw_dtype)
@@ -698,21 +699,11 @@ def compare_with_llamacpp(params: Mapping, cfg: ModelConfig, tokenizer_path: str
     return report
 
 
-def run_data_dir(run_dir: str | Path, cfg) -> Path:
-    """Where a run's prepared data lives: data.data_dir, or <run>/data."""
-    from atlas_jax.checkpoint import find_checkpoint
-
-    run, _ = find_checkpoint(run_dir)
-    return Path(cfg.data.data_dir) if cfg.data.data_dir else Path(run) / "data"
-
-
 def run_calibration(params: Mapping, cfg, data_dir: str | Path, n_windows: int = 32) -> dict[str, np.ndarray]:
     """`quantize.input_hessians` over n_windows data.seq_len-token windows spread evenly over the
     run's train split (never the validation split the quality is measured on)."""
     from atlas_jax.data.prepare import load_split
     from atlas_jax.export.quantize import input_hessians
-
-    from atlas_jax.errors import DataError
 
     try:
         train = np.asarray(load_split(data_dir, "train"))
@@ -735,11 +726,11 @@ def compare_run_with_llamacpp(run_dir: str | Path, out_dir: str | Path,
     """`compare_with_llamacpp` for a trained run: windows from the head of its validation split
     (<data_dir>/val.bin; `window` defaults to data.seq_len), greedy continuation of the first window's
     first 16 tokens; q4_0 calibrated on the train split (`run_calibration`)."""
-    from atlas_jax.checkpoint import load_for_inference
-    from atlas_jax.data.prepare import load_split
+    from atlas_jax.checkpoint import find_checkpoint, load_for_inference
+    from atlas_jax.data.prepare import load_split, run_data_dir
 
     params, cfg, tokenizer_path = load_for_inference(run_dir)
-    data_dir = run_data_dir(run_dir, cfg)
+    data_dir = run_data_dir(cfg.data, find_checkpoint(run_dir)[0])
     calibration = run_calibration(params, cfg, data_dir) if "q4_0" in ftypes else None
     val = np.asarray(load_split(data_dir, "val"))
     window = window or cfg.data.seq_len
