@@ -1,6 +1,7 @@
 """scripts/bench.py --quick: every subcommand runs in a subprocess into one JSON file, which then holds
 every expected figure, positive, and the markdown the tables. A smoke test of the machinery: it
-asserts structure, never speed."""
+asserts structure, never speed. The package's pieces (atlas_jax.bench) are tested directly where a
+subprocess would prove less: pooling rounds, merging reports, `python -m atlas_jax.bench`."""
 from __future__ import annotations
 
 import json
@@ -10,6 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from atlas_jax.bench.report import MARK_BEGIN, MARK_END, write_outputs
+from atlas_jax.bench.train import pool_rounds
 
 REPO = Path(__file__).resolve().parents[2]
 SUBCOMMANDS = ("train", "decode", "scaling")
@@ -97,4 +101,41 @@ def test_outputs_merge_into_one_json_and_markdown(bench):
         if cmd in data:
             assert data[cmd]["command"].startswith(f"python scripts/bench.py {cmd} --quick"), data[cmd]["command"]
             assert f"`{data[cmd]['command']}`" in md, f"the markdown lacks the {cmd} command"
-    assert md.count("<!-- bench:begin -->") == 1 and md.count("<!-- bench:end -->") == 1
+    assert md.count(MARK_BEGIN) == 1 and md.count(MARK_END) == 1
+
+
+def test_pool_rounds_keeps_every_step_and_each_rounds_median_and_a_failure_stands_for_all():
+    rounds = [{"step_s": [1.0, 3.0], "first_loss": 7.0}, {"step_s": [2.0, 4.0], "first_loss": 9.0}]
+    pooled = pool_rounds(rounds)
+    assert pooled["step_s"] == [1.0, 3.0, 2.0, 4.0], pooled["step_s"]
+    assert pooled["round_medians"] == [2.0, 3.0], pooled["round_medians"]
+    assert pooled["first_loss"] == 7.0, "the first round's fields should be kept"
+    failed = pool_rounds([rounds[0], {"error": "boom"}])
+    assert failed == {"error": "boom"}, f"a failed round should stand for all, got {failed}"
+
+
+def test_write_outputs_merges_into_the_json_and_replaces_only_the_marked_block(tmp_path):
+    out, md = tmp_path / "b.json", tmp_path / "b.md"
+    out.write_text(json.dumps({"earlier": {"kept": True}}))
+    md.write_text(f"# Benchmarks\n\nprose before\n\n{MARK_BEGIN}\nold table\n{MARK_END}\n\nprose after\n")
+    row = {"bytes": 2**20, "max_abs": 0.01, "top1": 0.99, "ppl_llamacpp": 5.0, "ppl_atlas": 5.0, "greedy_match": True}
+    for run in ("runs/a", "runs/b"):  # the same subcommand twice: the second run's section replaces the first
+        section = {"checkpoint": run, "n_windows": 2, "command": f"python scripts/bench.py quality --checkpoint {run}",
+                   "types": {"f32": row}}
+        write_outputs("quality", section, out, md)
+    data = json.loads(out.read_text())
+    assert data["earlier"] == {"kept": True}, "a section of an earlier run was dropped from the JSON"
+    assert data["quality"]["checkpoint"] == "runs/b" and data["machine"] and data["versions"], sorted(data)
+    text = md.read_text()
+    assert text.startswith("# Benchmarks\n\nprose before\n\n") and text.endswith("\n\nprose after\n"), text
+    assert text.count(MARK_BEGIN) == 1 and text.count(MARK_END) == 1 and "old table" not in text, text
+    assert "`python scripts/bench.py quality --checkpoint runs/b`" in text and "runs/a" not in text, text
+    assert "| f32 | 1.00 | 0.01 | 99.00% | 5.000 | +0.00% | yes |" in text, text
+
+
+def test_python_m_atlas_jax_bench_lists_every_subcommand():
+    proc = subprocess.run([sys.executable, "-m", "atlas_jax.bench", "--help"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"python -m atlas_jax.bench --help exited {proc.returncode}: {proc.stderr[-2000:]}"
+    for cmd in ("train", "decode", "scaling", "quality"):
+        assert cmd in proc.stdout, f"--help does not list {cmd}: {proc.stdout}"
