@@ -1,58 +1,10 @@
-"""Export a trained Atlas checkpoint as a GGUF file for llama.cpp.
+"""Export a trained Atlas checkpoint as a GGUF file for llama.cpp (atlas_jax/export/to_gguf.py).
 
     python scripts/to_gguf.py runs/shakespeare --out shakespeare.gguf [--type q8_0] [--name NAME]
 
-q4_0 is calibrated by default: GPTQ on the run's train split (atlas_jax/export/quantize.py), the
-same Q4_0 blocks with less error; --no-calibrate rounds each weight on its own (gguf.quants).
-
-RUN_DIR_OR_CHECKPOINT is a run dir (its latest checkpoint) or one checkpoint's step dir.
-Types: f32, f16, bf16, q8_0, q4_0 (written here), q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer,
-needs llama-cpp-python). See atlas_jax/export/gguf.py for what each keeps at higher precision.
+Needs the package installed (pip install -e .); the same as `python -m atlas_jax.export.to_gguf`.
 """
-from __future__ import annotations
-
-import argparse
-import sys
-import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from atlas_jax.errors import run_cli  # noqa: E402
-from atlas_jax.export.gguf import ALL_FTYPES  # noqa: E402
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="to_gguf.py", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--out", required=True, help="the .gguf file to write")
-    p.add_argument("--type", choices=ALL_FTYPES, default="f32", dest="ftype")
-    p.add_argument("--name", default=None, help="general.name (default: the run dir's name)")
-    p.add_argument("--write-output-for-tied", action="store_true",
-                   help="tied models: write output.weight too (default: llama.cpp reuses token_embd)")
-    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
-                   help="q4_0: round each weight to its nearest code instead of GPTQ on the run's train split")
-    p.add_argument("--calibration-windows", type=int, default=32, metavar="N",
-                   help="q4_0: train windows of data.seq_len tokens GPTQ measures inputs on (default 32)")
-    args = p.parse_args(argv)
-
-    from atlas_jax.checkpoint import find_checkpoint, load_for_inference
-    from atlas_jax.data.prepare import run_data_dir
-    from atlas_jax.export.gguf import export_gguf, run_calibration
-
-    start = time.perf_counter()
-    params, cfg, tokenizer = load_for_inference(args.checkpoint)
-    run_dir, step_dir = find_checkpoint(args.checkpoint)
-    calibration, how = None, ""
-    if args.ftype == "q4_0" and args.calibrate:
-        calibration = run_calibration(params, cfg, run_data_dir(cfg.data, run_dir), args.calibration_windows)
-        how = f", GPTQ on {args.calibration_windows} train windows"
-    out = export_gguf(params, cfg.model, tokenizer, args.out, args.ftype, args.name or Path(run_dir).resolve().name,
-                      args.write_output_for_tied, calibration=calibration)
-    print(f"wrote {out} ({args.ftype}{how}, {out.stat().st_size / 2**20:.2f} MiB, {cfg.model.arch}, from {step_dir}) "
-          f"in {time.perf_counter() - start:.1f}s")
-    return 0
-
+from atlas_jax.export.to_gguf import cli
 
 if __name__ == "__main__":
-    run_cli(main)
+    cli()

@@ -2,7 +2,7 @@
 
 Logits on 48-token prompts with an f32 KV cache, for llama (MHA, GQA) and gpt2, tied and untied
 heads, every export type; llama.cpp's tokenizer against sentencepiece; greedy generation. llama.cpp
-runs in child processes (atlas_jax.export.gguf), so a native crash fails one test with the signal
+runs in child processes (atlas_jax.export.llamacpp), so a native crash fails one test with the signal
 named instead of ending the session. A briefly trained run (or the run ATLAS_GGUF_RUN_DIR names,
 e.g. runs/shakespeare) is held to the trained-model bar too.
 """
@@ -21,15 +21,15 @@ import numpy as np
 import pytest
 
 from atlas_jax.config import ModelConfig, SampleConfig, resolve_model
-from atlas_jax.export.gguf import (
+from atlas_jax.export.gguf import export_gguf
+from atlas_jax.export.llamacpp import (
     LlamaCppError,
-    _run_child,
-    atlas_logits,
-    export_gguf,
     llamacpp_generate,
     llamacpp_logits,
     llamacpp_tokenize,
+    run_in_child,
 )
+from atlas_jax.export.quality import atlas_logits
 from atlas_jax.model import init_params
 
 import llama_cpp  # noqa: E402,F401  (part of the test install: a missing llama.cpp is a failure, not a skip)
@@ -276,14 +276,14 @@ def test_models_load_without_extra_buffer_types(model, tmp_path, shakespeare_tok
     cfg, params = model("llama-gqa-tied")
     path = export_gguf(params, cfg, shakespeare_tokenizer.path, tmp_path / "q.gguf", "q4_0")
     (tmp_path / "probe_bufts.py").write_text(textwrap.dedent("""
-        from atlas_jax.export.gguf import open_llama
+        from atlas_jax.export.llamacpp import open_llama
         def flag(path):
             llm = open_llama(path, n_ctx=16)
             llm.eval([1, 2, 3])
             return bool(llm.model_params.use_extra_bufts)
     """))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
-    assert _run_child("probe_bufts:flag", path=str(path)) is False
+    assert run_in_child("probe_bufts:flag", path=str(path)) is False
 
 
 def test_native_crash_is_an_error_not_a_dead_session(tmp_path, monkeypatch):
@@ -291,7 +291,7 @@ def test_native_crash_is_an_error_not_a_dead_session(tmp_path, monkeypatch):
                                               "    os.kill(os.getpid(), signal.SIGSEGV)\n")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     with pytest.raises(LlamaCppError, match=r"crashed \(SIGSEGV\).*model\.gguf"):
-        _run_child("crashing_job:crash", path="model.gguf")
+        run_in_child("crashing_job:crash", path="model.gguf")
 
 
 def test_tokens_past_the_context_are_refused_before_llamacpp_aborts(model, tmp_path, shakespeare_tokenizer):

@@ -1,11 +1,14 @@
-"""GGUF export without llama.cpp: what gguf-py's reader sees in our files, types, errors, the CLI.
+"""GGUF export without llama.cpp: what gguf-py's reader sees in our files, types, errors, the CLI
+(atlas_jax/export/gguf.py, atlas_jax/export/to_gguf.py).
 
 The llama.cpp side (logits, tokenizer, generation) is tests/parity/test_llamacpp_parity.py.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import gguf
@@ -21,6 +24,7 @@ from atlas_jax.export.gguf import (
     ARCHS,
     TENSOR_TABLE,
     ExportError,
+    ExportWarning,
     export_gguf,
     flatten,
     model_metadata,
@@ -161,6 +165,40 @@ def test_tokenizer_metadata_describes_the_sentencepiece_model(shakespeare_tokeni
     assert meta[Keys.Tokenizer.ADD_PREFIX][0] is False and meta[Keys.Tokenizer.REMOVE_EXTRA_WS][0] is False
 
 
+@pytest.fixture(scope="module")
+def unigram_tokenizer(shakespeare_path, tmp_path_factory):
+    """A unigram sentencepiece model (data.tokenizer_type=unigram), 400 pieces on 30 KB of tinyshakespeare."""
+    from atlas_jax.tokenizer import train_tokenizer
+
+    text = shakespeare_path.read_text(encoding="utf-8")[:30_000]
+    return train_tokenizer([text], tmp_path_factory.mktemp("unigram"), 400, model_type="unigram")
+
+
+def export_warnings(fn, *args, **kwargs) -> list[str]:
+    """The ExportWarning messages `fn(*args, **kwargs)` emits."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fn(*args, **kwargs)
+    return [str(w.message) for w in caught if issubclass(w.category, ExportWarning)]
+
+
+def test_unigram_tokenizer_warns_that_llamacpp_may_segment_differently(unigram_tokenizer, shakespeare_tokenizer,
+                                                                      tmp_path):
+    # llama.cpp's SPM tokenizer merges by score: sentencepiece BPE's rule, not unigram's best path.
+    got = export_warnings(tokenizer_metadata, unigram_tokenizer.path, unigram_tokenizer.vocab_size)
+    assert len(got) == 1 and "\n" not in got[0], got
+    assert "not guaranteed to match a unigram model's segmentation exactly" in got[0], got
+    assert "data.tokenizer_type=bpe" in got[0] and str(unigram_tokenizer.path) in got[0], got
+    cfg, params = make(unigram_tokenizer, "llama-gqa-untied")
+    with pytest.warns(ExportWarning, match="unigram model's segmentation"):
+        path = export_gguf(params, cfg, unigram_tokenizer.path, tmp_path / "u.gguf")
+    assert path.is_file()  # a warning, not a refusal
+    # a BPE model: no warning at all, from the metadata or the whole export
+    assert export_warnings(tokenizer_metadata, shakespeare_tokenizer.path, shakespeare_tokenizer.vocab_size) == []
+    cfg, params = make(shakespeare_tokenizer, "llama-gqa-untied")
+    assert export_warnings(export_gguf, params, cfg, shakespeare_tokenizer.path, tmp_path / "b.gguf") == []
+
+
 # --------------------------------------------------------------------------- types
 
 
@@ -260,3 +298,25 @@ def test_cli_missing_or_foreign_checkpoint_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_cli_prints_the_unigram_warning_as_one_line(unigram_tokenizer, tmp_path, capsys):
+    from atlas_jax import checkpoint
+    from atlas_jax.config import Config, DataConfig, resolve
+    from atlas_jax.export.to_gguf import main
+    from atlas_jax.optim import make_optimizer
+
+    model_cfg, params = make(unigram_tokenizer, "llama-gqa-untied")
+    cfg = resolve(Config(model=model_cfg, data=DataConfig(seq_len=32)))
+    state = {"params": params, "opt_state": make_optimizer(cfg.train).init(params), "step": np.int32(1),
+             "rng": jax.random.key_data(jax.random.key(0)), "bad_steps": np.int32(0)}
+    run_dir = tmp_path / "run"
+    checkpoint.save(checkpoint.make_manager(run_dir, keep=1), state, {}, cfg)
+    shutil.copy(unigram_tokenizer.path, run_dir / "tokenizer.model")
+    capsys.readouterr()
+    assert main([str(run_dir), "--out", str(tmp_path / "m.gguf")]) == 0
+    out, err = capsys.readouterr()
+    assert (tmp_path / "m.gguf").is_file() and out.startswith("wrote ")
+    lines = [ln for ln in err.splitlines() if "unigram" in ln]
+    assert len(lines) == 1 and lines[0].startswith("warning: ") and "data.tokenizer_type=bpe" in lines[0], err
+    assert "ExportWarning" not in err and "warnings.warn" not in err, err
