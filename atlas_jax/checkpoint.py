@@ -58,12 +58,38 @@ def save(manager: ocp.CheckpointManager, state: PyTree, data_iter_state: dict, c
     manager.wait_until_finished()
 
 
-def _model_mismatch(saved: dict, cfg: Config) -> list[str]:
+# Model fields that choose how the same function is computed; every other model field changes the
+# function (or the params' shapes), so a checkpoint resumes only under the config it was made with.
+IMPLEMENTATION_FIELDS = ("remat", "attention", "matmul")
+
+
+def model_mismatch(saved: dict, cfg: Config) -> list[str]:
+    """'field: checkpoint X vs config Y' for every model field that changes the math."""
     want = to_dict(cfg)["model"]
-    shape_keys = ("arch", "vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff",
-                  "max_seq_len", "tie_embeddings", "param_dtype")
     got = saved.get("model", {})
-    return [f"{k}: checkpoint {got.get(k)!r} vs config {want.get(k)!r}" for k in shape_keys if got.get(k) != want.get(k)]
+    return [f"model.{k}: checkpoint {got.get(k)!r} vs config {want[k]!r}"
+            for k in want if k not in IMPLEMENTATION_FIELDS and k in got and got[k] != want[k]]
+
+
+def optimizer_mismatch(saved: dict, cfg: Config, abstract_params: PyTree) -> str | None:
+    """Why the optimizer state saved under `saved`'s train section has another structure than the
+    one `cfg` builds (e.g. train.grad_clip 0 <-> > 0 adds or removes the clipping state), or None."""
+    from atlas_jax.optim import make_optimizer
+
+    try:
+        saved_train = from_dict({"train": saved.get("train", {})}).train
+    except Exception:
+        return None  # an older or foreign train section: leave the verdict to the restore itself
+
+    def structure(t):
+        return jax.tree_util.tree_structure(jax.eval_shape(make_optimizer(t).init, abstract_params))
+
+    if structure(saved_train) == structure(cfg.train):
+        return None
+    want, got = to_dict(cfg)["train"], to_dict(Config(train=saved_train))["train"]
+    changed = [f"train.{k}: checkpoint {got[k]!r} vs config {want[k]!r}"
+               for k in ("grad_clip", "decay_embeddings", "weight_decay") if got[k] != want[k]]
+    return "; ".join(changed) or "the optimizer's settings"
 
 
 def _read_json_item(step_dir: Path, item: str) -> dict:
@@ -86,10 +112,14 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: PyTree, shardin
     """Restore the train state (in its shardings) and the data iterator state of `step`."""
     step_dir = Path(manager.directory) / str(step)
     saved_cfg = _read_json_item(step_dir, "config")
-    mismatch = _model_mismatch(saved_cfg, cfg)
+    mismatch = model_mismatch(saved_cfg, cfg)
     if mismatch:
         raise CheckpointError(f"{step_dir}: checkpoint was made for a different model ({'; '.join(mismatch)}); "
                               f"use the run's own config or start a new run with --fresh or another train.run_dir")
+    changed = optimizer_mismatch(saved_cfg, cfg, abstract["params"])
+    if changed:
+        raise CheckpointError(f"{step_dir}: the optimizer state was saved with another structure ({changed}); "
+                              f"resume with the run's own optimizer settings or start a new run with --fresh")
     target = jax.tree_util.tree_map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     args = ocp.args.Composite(

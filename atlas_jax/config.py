@@ -23,8 +23,10 @@ ARCHS = ("llama", "gpt2")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+MATMUL_IMPLS = ("auto", "rowmajor", "xla")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZER_TYPES = ("bpe", "unigram")
+TRACKERS = ("tensorboard", "mlflow", "none")
 
 
 @dataclass
@@ -48,6 +50,9 @@ class ModelConfig:
     # auto (cudnn on a GPU in bf16/f16, xla on a GPU in f32, einsum elsewhere) | xla
     # (jax.nn.dot_product_attention) | cudnn | einsum (grouped einsums, fastest on CPU)
     attention: str = "auto"
+    # auto (rowmajor on CPU without remat, xla elsewhere) | rowmajor (atlas_jax.kernels: weight
+    # gradients that keep the output gradient row-major, fastest on CPU) | xla (plain dot_general)
+    matmul: str = "auto"
 
     @property
     def head_dim(self) -> int:
@@ -93,6 +98,8 @@ class TrainConfig:
     seed: int = 0
     mesh: list[int] = field(default_factory=lambda: [-1, 1])  # (data, fsdp); -1 = all remaining devices
     max_nonfinite_steps: int = 10
+    tracking: str = "tensorboard"  # tensorboard | mlflow | none (metrics.jsonl is always written)
+    tracking_uri: str | None = None  # mlflow: None -> sqlite:///<run_dir>/../mlflow.db (local); http(s)://server
 
 
 @dataclass
@@ -158,13 +165,18 @@ def _coerce(value: Any, tp, where: str) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -285,6 +297,7 @@ def validate_model(m: ModelConfig) -> None:
     _choice(m.param_dtype, DTYPES, "model.param_dtype")
     _choice(m.remat, REMAT_POLICIES, "model.remat")
     _choice(m.attention, ATTENTION_IMPLS, "model.attention")
+    _choice(m.matmul, MATMUL_IMPLS, "model.matmul")
     _check_positive({
         "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len,
@@ -303,12 +316,35 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(f"model: head_dim = d_model/n_heads = {m.head_dim} must be even for RoPE")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    validate_precision(m)
+
+
+def validate_precision(m: ModelConfig) -> None:
+    """The mixed-precision policy: float32 params (AdamW's master weights), compute in float32 or
+    bfloat16. float16 would need loss scaling, which Atlas does not implement."""
+    if m.param_dtype != "float32":
+        raise ConfigError(
+            f"model.param_dtype={m.param_dtype}: AdamW keeps float32 master weights, so params stay float32; "
+            f"for bf16 math set model.compute_dtype=bfloat16 (params are cast to it inside each layer)")
+    if m.compute_dtype == "float16":
+        raise ConfigError(
+            "model.compute_dtype=float16 needs dynamic loss scaling, which Atlas does not implement; "
+            "use model.compute_dtype=bfloat16 (the same memory, float32's exponent range)")
+    if m.attention == "cudnn" and m.compute_dtype == "float32":
+        raise ConfigError(
+            "model.attention=cudnn: cuDNN's fused attention takes bfloat16/float16 only; set "
+            "model.compute_dtype=bfloat16, or model.attention=auto (xla in float32)")
+    if m.matmul == "rowmajor" and m.remat != "none":
+        raise ConfigError(
+            f"model.matmul=rowmajor with model.remat={m.remat}: the remat policy must see plain dot_generals; "
+            f"use model.matmul=auto (or xla) with remat")
 
 
 def validate(cfg: Config) -> None:
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
     validate_model(m)
     _choice(t.schedule, SCHEDULES, "train.schedule")
+    _choice(t.tracking, TRACKERS, "train.tracking")
     _choice(d.tokenizer_type, TOKENIZER_TYPES, "data.tokenizer_type")
     _check_positive({
         "data.seq_len": d.seq_len, "data.num_workers": d.num_workers,

@@ -222,5 +222,9 @@ def interactive(session: Session, jsonl: bool) -> int:
         i += 1
 
 
-if __name__ == "__main__":
+def cli() -> None:
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

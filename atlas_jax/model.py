@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from atlas_jax.config import ModelConfig
+from atlas_jax.kernels import (einsum_attention, from_grouped, grouped_attention, rowmajor_grad_dot_general,
+                               to_grouped)
 
 Array = jax.Array
 PyTree = Any
@@ -111,88 +113,6 @@ def apply_rope(x_BxTxNxH: Array, positions_BxT: Array, theta: float) -> Array:
 # --------------------------------------------------------------------------- attention
 
 
-def _flat_t(x_BxKxGxTxH: Array) -> Array:
-    """[B, K, G, T, H] -> [B, K, H, G*T], materialised (the barrier keeps XLA from folding the transpose
-    into the product that reads it, which would then transpose the [.., G*T, S] operand instead)."""
-    b, k, g, t, h = x_BxKxGxTxH.shape
-    return jax.lax.optimization_barrier(x_BxKxGxTxH.reshape(b, k, g * t, h).transpose(0, 1, 3, 2))
-
-
-def _s_major_grad(x_BxKxGxTxH: Array, d_BxKxGxTxS: Array) -> Array:
-    """sum over g, t of d[.., g, t, s] x[.., g, t, h] -> [B, K, S, H], computed as x^T d so that the
-    [G*T, S] operand is read row-major: on CPU, XLA otherwise transposes the whole score-sized tensor
-    (at seq 1024 that was a third of the step)."""
-    b, k, g, t, s = d_BxKxGxTxS.shape
-    out_BxKxHxS = jnp.einsum("bkhx,bkxs->bkhs", _flat_t(x_BxKxGxTxH), d_BxKxGxTxS.reshape(b, k, g * t, s))
-    return out_BxKxHxS.transpose(0, 1, 3, 2)
-
-
-@jax.custom_vjp
-def _scores(q_BxKxGxTxH: Array, k_BxKxSxH: Array) -> Array:
-    return jnp.einsum("bkgth,bksh->bkgts", q_BxKxGxTxH, k_BxKxSxH)
-
-
-def _scores_bwd(res, ds):
-    q, k = res
-    return jnp.einsum("bkgts,bksh->bkgth", ds, k).astype(q.dtype), _s_major_grad(q, ds).astype(k.dtype)
-
-
-_scores.defvjp(lambda q, k: (_scores(q, k), (q, k)), _scores_bwd)
-
-
-@jax.custom_vjp
-def _mix(p_BxKxGxTxS: Array, v_BxKxSxH: Array) -> Array:
-    return jnp.einsum("bkgts,bksh->bkgth", p_BxKxGxTxS, v_BxKxSxH)
-
-
-def _mix_bwd(res, do):
-    p, v = res
-    return jnp.einsum("bkgth,bksh->bkgts", do, v).astype(p.dtype), _s_major_grad(do, p).astype(v.dtype)
-
-
-_mix.defvjp(lambda p, v: (_mix(p, v), (p, v)), _mix_bwd)
-
-
-def grouped_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
-                      mask_BxTxS: Array | None) -> Array:
-    """Attention written out in the grouped, head-major layout: causal when mask is None.
-
-    Query head k*G + g reads key/value head k. The scores stay [B, K, G, T, S] from the first
-    einsum to the second, so no layout change of the biggest tensor happens in between (on CPU
-    that is ~5% of a training step against jax.nn.dot_product_attention's [B, T, N, H] path), and
-    the backward computes dK and dV from transposed small operands (`_s_major_grad`). Returns
-    out_BxKxGxTxH.
-    """
-    h = q_BxKxGxTxH.shape[-1]
-    t, s = q_BxKxGxTxH.shape[3], k_BxKxSxH.shape[2]
-    scores = _scores(q_BxKxGxTxH, k_BxKxSxH).astype(jnp.float32) / math.sqrt(h)
-    if mask_BxTxS is None:
-        mask = jnp.tril(jnp.ones((t, s), bool), s - t)
-    else:
-        mask = mask_BxTxS[:, None, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
-    return _mix(probs, v_BxKxSxH)
-
-
-def to_grouped(q_BxTxNxH: Array, n_kv_heads: int) -> Array:
-    b, t, n, h = q_BxTxNxH.shape
-    return q_BxTxNxH.reshape(b, t, n_kv_heads, n // n_kv_heads, h).transpose(0, 2, 3, 1, 4)
-
-
-def from_grouped(out_BxKxGxTxH: Array) -> Array:
-    b, k, g, t, h = out_BxKxGxTxH.shape
-    return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
-
-
-def einsum_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array | None) -> Array:
-    """`grouped_attention` on the [B, T, N, H] / [B, S, K, H] layout the projections produce."""
-    kv = k_BxSxKxH.shape[2]
-    out = grouped_attention(to_grouped(q_BxTxNxH, kv), k_BxSxKxH.transpose(0, 2, 1, 3),
-                            v_BxSxKxH.transpose(0, 2, 1, 3), mask_BxTxS)
-    return from_grouped(out)
-
-
 @functools.cache
 def _has_gpu() -> bool:
     """cuDNN attention needs an NVIDIA GPU; elsewhere model.attention=cudnn runs the XLA kernel."""
@@ -223,49 +143,20 @@ def attention(q, k, v, impl: str) -> Array:
 # --------------------------------------------------------------------------- dense
 
 
-@jax.custom_vjp
-def _matmul_rowmajor_grad(x: Array, w_DxF: Array) -> Array:
-    return jax.lax.dot_general(x, w_DxF, (((x.ndim - 1,), (0,)), ((), ())))
-
-
-def _matmul_fwd(x, w_DxF):
-    return _matmul_rowmajor_grad(x, w_DxF), (x, w_DxF)
-
-
-def _matmul_bwd(res, g):
-    x, w_DxF = res
-    dx = jax.lax.dot_general(g, w_DxF, (((g.ndim - 1,), (1,)), ((), ()))).astype(x.dtype)
-    # dW = x^T g. Left to itself XLA:CPU lays g out transposed ([F, B*T]) for this product, which
-    # makes the op producing g (e.g. the SwiGLU backward) write with a stride; materialising x^T
-    # (the smaller operand) behind a barrier keeps g row-major: 7-9% of a CPU training step.
-    x_DxN = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-    dw = jnp.dot(x_DxN, g.reshape(-1, g.shape[-1])).astype(w_DxF.dtype)
-    return dx, dw
-
-
-_matmul_rowmajor_grad.defvjp(_matmul_fwd, _matmul_bwd)
-
-
-def rowmajor_grad_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """nn.Dense's dot_general, with the weight gradient computed as above (same values)."""
-    (lc, rc), (lb, rb) = dimension_numbers
-    if lb or rb or tuple(lc) != (lhs.ndim - 1,) or tuple(rc) != (0,) or rhs.ndim != 2 or precision is not None \
-            or preferred_element_type is not None:
-        return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
-    return _matmul_rowmajor_grad(lhs, rhs)
-
-
-def _rowmajor_grads(cfg: ModelConfig) -> bool:
-    return jax.default_backend() == "cpu" and cfg.remat == "none"
+def matmul_impl(cfg: ModelConfig) -> str:
+    """model.matmul=auto: the row-major weight gradient (atlas_jax.kernels) on CPU without remat (a
+    remat policy must see plain dot_generals to decide what to save), XLA's dot_general elsewhere."""
+    if cfg.matmul != "auto":
+        return cfg.matmul
+    return "rowmajor" if jax.default_backend() == "cpu" and cfg.remat == "none" else "xla"
 
 
 def make_dense(cfg: ModelConfig, features: int, name: str, std: float, use_bias: bool | None = None) -> nn.Dense:
-    """A Dense layer of the model. On CPU without remat its weight gradient takes the row-major path
-    (a remat policy must see plain dot_generals to decide what to save)."""
-    fast = _rowmajor_grads(cfg)
+    """A Dense layer of the model, its dot_general chosen by `matmul_impl`."""
+    rowmajor = matmul_impl(cfg) == "rowmajor"
     return nn.Dense(features, use_bias=cfg.arch == "gpt2" if use_bias is None else use_bias,
                     dtype=dtype_of(cfg.compute_dtype), param_dtype=dtype_of(cfg.param_dtype),
-                    kernel_init=_normal(std), dot_general=rowmajor_grad_dot_general if fast else None, name=name)
+                    kernel_init=_normal(std), dot_general=rowmajor_grad_dot_general if rowmajor else None, name=name)
 
 
 class Attention(nn.Module):

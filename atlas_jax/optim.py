@@ -1,6 +1,6 @@
 """The optimizer: AdamW with a weight-decay mask, global-norm clipping and an LR schedule.
 
-Schedule (step = number of updates already applied, starting at 0):
+Schedule (step = number of train steps already taken, skipped non-finite ones included, from 0):
     warmup   step < warmup_steps:  lr * (step + 1) / warmup_steps
     then     cosine | linear from lr to min_lr at step == steps, constant stays at lr
 Weight decay applies to matrices (`kernel`), to embeddings only when train.decay_embeddings,

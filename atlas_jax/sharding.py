@@ -88,3 +88,18 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """This process's rows -> one global array per key, sharded over (data, fsdp)."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def make_flag_agreement(mesh: Mesh):
+    """flag -> a replicated array holding whether ANY process passed True (a max over one int per
+    device). Every process calls it at the same step, so all of them learn the same answer at the same
+    step: the trainer uses it to stop (and save) together when only one process was signalled."""
+    reduce = jax.jit(lambda x: x.max(), out_shardings=replicated(mesh))
+    sharding = NamedSharding(mesh, P(BATCH_AXES))
+    n_local = len([d for d in mesh.devices.flat if d.process_index == jax.process_index()])
+
+    def agree(flag: bool) -> jax.Array:
+        local = np.full((n_local,), int(flag), np.int32)
+        return reduce(jax.make_array_from_process_local_data(sharding, local))
+
+    return agree

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -23,24 +21,13 @@ import numpy as np
 
 from atlas_jax import checkpoint as ckpt
 from atlas_jax.config import Config, load_config, save_config
+from atlas_jax.devices import device_peak
 from atlas_jax.errors import AtlasError, DataError, run_cli
 from atlas_jax.model import count_params, flops_per_token
-from atlas_jax.sharding import (check_batch_divides, global_batch, make_mesh, maybe_initialize_distributed,
-                                state_shardings)
+from atlas_jax.sharding import (check_batch_divides, global_batch, make_flag_agreement, make_mesh,
+                                maybe_initialize_distributed, state_shardings)
+from atlas_jax.tracking import MetricsLog, flatten_params, make_tracker, read_metrics
 from atlas_jax.train_step import abstract_state, create_sharded_state, make_eval_step, make_train_step
-
-# Dense bf16 peak FLOP/s per device, for MFU (None: unknown, MFU not reported).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10G": 125e12,
-              "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v6 lite": 918e12}
-
-
-def device_peak_flops(device=None) -> float | None:
-    kind = (device or jax.devices()[0]).device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if name.lower() in kind.lower():
-            return peak
-    return None
-
 
 @dataclass
 class RunResult:
@@ -132,39 +119,6 @@ def evaluate(eval_step, params, val_local, mesh, n_tokens: int, n_bytes: int) ->
     return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": total / (n_bytes * math.log(2))}
 
 
-class MetricsLog:
-    """metrics.jsonl + TensorBoard events, written by process 0 only."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / "metrics.jsonl"
-        self.file = open(self.path, "a", encoding="utf-8") if _is_main() else None
-        self.tb = None
-        if _is_main():
-            from tensorboardX import SummaryWriter
-            self.tb = SummaryWriter(str(run_dir / "tb"))
-
-    def write(self, record: dict) -> None:
-        if self.file is None:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for k, v in record.items():
-            if k != "step" and isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, record["step"])
-
-    def close(self):
-        if self.file:
-            self.file.close()
-            self.tb.close()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def plot_loss_curve(run_dir: Path) -> Path | None:
     """loss.png: train loss per step and val loss at each eval, from metrics.jsonl."""
     import matplotlib
@@ -232,17 +186,22 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
     n_params = count_params(abstract["params"])
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = device_peak_flops()
+    peak_entry = device_peak()
+    peak = peak_entry.flops if peak_entry else None
     _log(f"model {cfg.model.arch}: {n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding); "
          f"mesh {dict(mesh.shape)}; {meta['splits']['train']['tokens']:,} train tokens; run dir {run_dir}")
+    kind = jax.devices()[0].device_kind
+    _log(f"MFU against {peak_entry.name}: {peak_entry.flops / 1e12:,.1f} TFLOP/s per device ({kind})" if peak_entry
+         else f"MFU not reported: no peak FLOP/s known for device kind '{kind}' (atlas_jax/devices.py)")
 
     result = RunResult(run_dir=run_dir, step=int(jax.device_get(state["step"])))
-    log = MetricsLog(run_dir)
+    tracker = make_tracker(cfg.train.tracking, cfg.train.tracking_uri, run_dir, _is_main())
+    tracker.log_params(flatten_params(cfg))
+    log = MetricsLog(run_dir, tracker, _is_main())
     start_step = result.step
     total = cfg.train.steps
     pending: list = []
     last_val = None
-    fault_kill = int(os.environ.get("ATLAS_FAULT_KILL_AT_STEP", "-1"))  # fault injection for the resume test
     bar = None
     if progress and _is_main():
         from tqdm import tqdm
@@ -250,6 +209,10 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
     t_window, steps_window = time.perf_counter(), 0
     t_start, tokens_done = time.perf_counter(), 0
     step = start_step
+    # Several processes must stop at the same step (the save is collective): each step, every
+    # process contributes its own signal flag to a tiny all-reduce, read one step later.
+    agree = make_flag_agreement(mesh) if jax.process_count() > 1 else None
+    prev_agreed, prev_bad = None, None
 
     def flush_metrics():
         nonlocal t_window, steps_window
@@ -285,11 +248,21 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
                 steps_window, tokens_done = 0, 0
             if bar is not None:
                 bar.update(1)
+            # The non-finite streak and the stop flag are read every step, one step late: this step is
+            # already queued when the host waits for the previous one's scalars.
+            if agree is None:
+                stopping = stop.signal is not None
+            else:
+                agreed = agree(stop.signal is not None)
+                stopping = prev_agreed is not None and bool(jax.device_get(prev_agreed))
+                prev_agreed = agreed
+            streak = int(jax.device_get(prev_bad)) if prev_bad is not None else 0
+            prev_bad = metrics["bad_steps"]
             if step % cfg.train.log_interval == 0 or step == total:
-                last = flush_metrics()
-                if last is not None and int(last["bad_steps"]) >= cfg.train.max_nonfinite_steps:
-                    result.stopped = "nonfinite"
-                    break
+                streak = max(streak, int(flush_metrics()["bad_steps"]))
+            if streak >= cfg.train.max_nonfinite_steps:
+                result.stopped = "nonfinite"
+                break
             val = None
             if step % cfg.train.eval_interval == 0 or step == total:
                 val = evaluate(eval_fn, state["params"], val_local, mesh, val_tokens, val_bytes)
@@ -297,12 +270,10 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
                 log.write({"step": step, **val})
                 result.history.append({"step": step, **val})
                 _log(f"step {step}: val loss {val['val_loss']:.4f}, bits/byte {val['val_bpb']:.4f}")
-            if step % cfg.train.checkpoint_interval == 0 or step == total or stop.signal is not None:
+            if step % cfg.train.checkpoint_interval == 0 or step == total or stopping:
                 flush_metrics()
                 ckpt.save(manager, state, it.get_state(), cfg, val["val_loss"] if val else None)
-            if step == fault_kill:
-                os.kill(os.getpid(), signal.SIGKILL)
-            if stop.signal is not None:
+            if stopping:
                 result.stopped = "interrupted"
                 break
     flush_metrics()
@@ -310,7 +281,6 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
         bar.close()
     elapsed = time.perf_counter() - t_start
     manager.close()
-    log.close()
     result.step = step
     result.tokens_seen = step * tokens_per_step
     result.tokens_per_s = tokens_done / elapsed if elapsed > 0 and tokens_done else None
@@ -318,13 +288,17 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
         result.mfu = result.tokens_per_s * flops_tok / (peak * jax.device_count())
     if last_val:
         result.val_loss, result.val_bpb = last_val["val_loss"], last_val["val_bpb"]
+    if _is_main():
+        tracker.log_artifact(plot_loss_curve(run_dir))
+        tracker.log_artifact(run_dir / "config.yaml")
+    log.close({"done": "FINISHED", "interrupted": "KILLED", "nonfinite": "FAILED"}[result.stopped])
     if result.stopped == "nonfinite":
+        latest = ckpt.make_manager(run_dir, cfg.train.keep, read_only=True).latest_step()
+        where = (f"the last good checkpoint {run_dir / ckpt.CHECKPOINTS / str(latest)} is intact" if latest is not None
+                 else "no checkpoint was written (the run never saved before it diverged)")
         raise AtlasError(
             f"stopped at step {step}: {cfg.train.max_nonfinite_steps} steps in a row had a non-finite loss or "
-            f"gradient (updates were skipped); the last good checkpoint in {run_dir / ckpt.CHECKPOINTS} is intact; "
-            f"lower train.lr or raise train.warmup_steps")
-    if _is_main():
-        plot_loss_curve(run_dir)
+            f"gradient (updates were skipped); {where}; lower train.lr or raise train.warmup_steps")
     result.state = state
     return result
 
@@ -395,5 +369,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
     run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()

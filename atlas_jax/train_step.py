@@ -6,7 +6,8 @@
 Gradient accumulation runs inside the step with `lax.scan` over microbatches. Microbatch m takes
 rows m, m+M, m+2M, ... of the global batch, so every device holds a slice of every microbatch and
 the result depends only on the global batch, never on the device count. A step whose loss or
-gradient is not finite leaves params and optimizer state unchanged and counts in `bad_steps`.
+gradient is not finite leaves params and Adam's moments unchanged and counts in `bad_steps`; the
+LR schedule still advances, so it ends at min_lr at step train.steps whatever was skipped.
 """
 from __future__ import annotations
 
@@ -58,6 +59,13 @@ def schedule_count(opt_state) -> jax.Array:
     return sched.count
 
 
+def with_schedule_count(opt_state, count: jax.Array):
+    """opt_state with the LR schedule's step set to `count` (everything else unchanged)."""
+    is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)  # noqa: E731
+    return jax.tree_util.tree_map(lambda s: optax.ScaleByScheduleState(count=count) if is_sched(s) else s,
+                                  opt_state, is_leaf=is_sched)
+
+
 def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree) -> Callable:
     m_cfg, t_cfg = cfg.model, cfg.train
     optimizer = make_optimizer(t_cfg)
@@ -75,12 +83,7 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree) -> Callable:
         if n_micro == 1:
             loss, grads = micro_grad(params, batch["inputs"], batch["targets"], key)
         else:
-            def split(x_BxT):
-                b, t = x_BxT.shape
-                x_MxBmxT = x_BxT.reshape(b // n_micro, n_micro, t).swapaxes(0, 1)
-                return jax.lax.with_sharding_constraint(x_MxBmxT, NamedSharding(mesh, P(None, BATCH_AXES)))
-
-            micro = {k: split(v) for k, v in batch.items()}
+            micro = split_microbatches(batch, n_micro, mesh)
 
             def body(carry, xs):
                 loss_sum, grad_sum = carry
@@ -100,11 +103,16 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree) -> Callable:
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
+        # An update may overflow finite params too (checked leaf by leaf: a norm of huge finite values
+        # would itself overflow).
+        ok = ok & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(new_params)]))
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         applied = schedule_count(state["opt_state"])
         new_state = {
             "params": keep(new_params, params),
-            "opt_state": keep(new_opt_state, state["opt_state"]),
+            # A skipped step leaves params and moments as they were but still advances the LR
+            # schedule, so the schedule and train.steps agree: a run still ends at min_lr.
+            "opt_state": with_schedule_count(keep(new_opt_state, state["opt_state"]), applied + 1),
             "step": state["step"] + 1,
             "rng": state["rng"],
             "bad_steps": jnp.where(ok, 0, state["bad_steps"] + 1),
@@ -117,13 +125,44 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree) -> Callable:
                    out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
 
 
+def split_microbatches(batch: dict, n_micro: int, mesh: Mesh) -> dict:
+    """[B, T] -> [M, B/M, T]: microbatch m takes rows m, m+M, m+2M, ..., so every device holds a
+    slice of every microbatch (the rows stay on the device that has them)."""
+    def split(x_BxT):
+        b, t = x_BxT.shape
+        x_MxBmxT = x_BxT.reshape(b // n_micro, n_micro, t).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x_MxBmxT, NamedSharding(mesh, P(None, BATCH_AXES)))
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def eval_microbatches(cfg: Config, batch_rows: int, n_devices: int) -> int:
+    """How many passes an eval batch of `batch_rows` takes: the train step's microbatches when they
+    divide it into per-device slices, else the largest count that does (a short last val batch)."""
+    for m in range(min(cfg.train.microbatches, batch_rows), 0, -1):
+        if batch_rows % m == 0 and (batch_rows // m) % n_devices == 0:
+            return m
+    return 1
+
+
 def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree) -> Callable:
-    """(params, batch) -> summed NLL in nats over the batch's targets (float32)."""
+    """(params, batch) -> summed NLL in nats over the batch's targets (float32).
+
+    The batch runs in the train step's microbatches (`train.microbatches`), one after another, so
+    evaluation holds the logits of one microbatch at a time ([B/M, T, V] float32), never the whole
+    batch's: at 64 x 1024 x 32k that is the difference between 8 GiB and 1 GiB."""
     model = Transformer(cfg.model)
 
-    def evaluate(params, batch):
-        logits = model.apply({"params": params}, batch["inputs"])
-        total, _ = cross_entropy(logits, batch["targets"])
+    def nll(params, inputs, targets):
+        total, _ = cross_entropy(model.apply({"params": params}, inputs), targets)
         return total
+
+    def evaluate(params, batch):
+        n_micro = eval_microbatches(cfg, batch["inputs"].shape[0], mesh.size)
+        if n_micro == 1:
+            return nll(params, batch["inputs"], batch["targets"])
+        micro = split_microbatches(batch, n_micro, mesh)
+        totals = jax.lax.map(lambda mb: nll(params, mb["inputs"], mb["targets"]), micro)
+        return jnp.sum(totals)
 
     return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))

@@ -282,8 +282,9 @@ def _init_worker(tokenizer_path: str, dtype: str) -> None:
 
 
 def _encode_lines(sp, text: str, dtype: np.dtype) -> np.ndarray:
-    """encode(text) line by line: the same ids when no piece holds a newline (true of ours), and
-    several times faster than one long string through sentencepiece's BPE."""
+    """encode(text) line by line: the same ids when no piece spans a newline (`_check_tokenizer`
+    refuses a tokenizer that has one), and several times faster than one long string through
+    sentencepiece's BPE."""
     lines = text.split("\n")
     parts = [line + "\n" for line in lines[:-1]]
     if lines[-1]:
@@ -438,6 +439,15 @@ def _check_tokenizer(tok: Tokenizer, vocab_size: int | None, trained_here: bool)
         hint = f" or delete {tok.path} to train a new one" if trained_here else ""
         raise DataError(f"{tok.path} has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
                         f"set model.vocab_size={tok.vocab_size}{hint}")
+    # Text is tokenized line by line (`_encode_lines`), which equals whole-document encoding only when
+    # no piece spans a newline: refuse a tokenizer with such a piece rather than write other ids.
+    sp = tok.sp
+    for i in range(tok.vocab_size):
+        piece = sp.id_to_piece(i)
+        if not sp.is_byte(i) and "\n" in piece[:-1]:  # a newline ending a piece stays inside its line
+            raise DataError(f"{tok.path}: piece {i} ({piece!r}) spans a newline, and Atlas tokenizes text line by "
+                            f"line, which would give other ids than encoding whole documents; use a tokenizer "
+                            f"without such pieces (`python -m atlas_jax.tokenizer train` makes one)")
     # Text is tokenized in pieces, which is exact only when encoding adds and removes nothing.
     probe = " a  b\n\t"
     if tok.decode(tok.encode(probe)) != probe or tok.sp.id_to_piece(tok.encode("a")[0]).startswith(SPACE):

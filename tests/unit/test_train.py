@@ -48,28 +48,70 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> s
     return lines[0]
 
 
+def start_train(args) -> subprocess.Popen:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    return subprocess.Popen([sys.executable, "-m", "atlas_jax.train", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 300) -> int:
+    """Poll metrics.jsonl until it holds `step` (or later); returns the last logged step."""
+    deadline, metrics = time.time() + timeout, run_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file():
+            steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if x.strip()]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.02)
+    raise AssertionError(f"the run never logged step {step} (exit {proc.poll()})")
+
+
+def full_state(run_dir: Path, cfg_path: Path):
+    """The whole train state of the run's latest checkpoint: params, optimizer state, step, rng."""
+    from atlas_jax.config import load_config
+    from atlas_jax.sharding import state_shardings
+    from atlas_jax.train_step import abstract_state
+
+    cfg = load_config(cfg_path)
+    manager = ckpt.make_manager(run_dir, 3, read_only=True)
+    abstract = abstract_state(cfg)
+    mesh = make_mesh([1, 1], jax.devices()[:1])
+    state, it_state = ckpt.restore(manager, manager.latest_step(), abstract, state_shardings(abstract, mesh), cfg)
+    return jax.device_get(state), it_state
+
+
 def test_resume_after_kill_is_bit_exact(tmp_path, base_args):
-    """8 steps straight == 4 steps, a checkpoint, kill -9 at step 6, resume, the rest: bit for bit."""
-    args = base_args + ["train.steps=8", "train.checkpoint_interval=4", "train.log_interval=1",
+    """A run killed with SIGKILL from outside, at a step the test observes, and resumed has the same
+    per-step losses and the same whole train state (params, Adam moments, counts, rng, data
+    iterator) as a run that never stopped: bit for bit."""
+    args = base_args + ["train.steps=40", "train.checkpoint_interval=4", "train.log_interval=1",
                         "train.eval_interval=100", "train.microbatches=2", "model.dropout=0.1"]
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     proc = run_train(args + [f"train.run_dir={straight}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
 
-    proc = run_train(args + [f"train.run_dir={killed}"], {"ATLAS_FAULT_KILL_AT_STEP": "6"})
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert sorted(p.name for p in (killed / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
+    victim = start_train(args + [f"train.run_dir={killed}"])
+    seen = wait_for_step(killed, victim, 6)
+    victim.kill()
+    victim.communicate(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, f"the run ended by itself before it was killed (step {seen})"
+    saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and 4 <= max(saved) < 40, saved
     proc = run_train(args + [f"train.run_dir={killed}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr
 
     a, b = step_losses(straight), step_losses(killed)
-    assert sorted(a) == sorted(b) == list(range(1, 9))
+    assert sorted(a) == sorted(b) == list(range(1, 41))
     for s in a:
         assert a[s] == b[s], f"step {s}: loss {b[s]!r} after resume vs {a[s]!r} straight"
-    pa, _, _ = ckpt.load_for_inference(straight)
-    pb, _, _ = ckpt.load_for_inference(killed)
-    for (path, x), (_, y) in zip(jax.tree_util.tree_flatten_with_path(pa)[0], jax.tree_util.tree_flatten_with_path(pb)[0]):
+    (sa, ia), (sb, ib) = full_state(straight, straight / "config.yaml"), full_state(killed, killed / "config.yaml")
+    assert ia == ib, f"data iterator state {ib} after resume vs {ia} straight"
+    flat_a, flat_b = jax.tree_util.tree_flatten_with_path(sa)[0], jax.tree_util.tree_flatten_with_path(sb)[0]
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    assert any("opt_state" in jax.tree_util.keystr(p) for p, _ in flat_a)
+    for (path, x), (_, y) in zip(flat_a, flat_b):
         assert np.array_equal(x, y), f"{jax.tree_util.keystr(path)}: max |diff| {np.max(np.abs(x - y)):.3g}"
 
 

@@ -10,18 +10,16 @@ piece alphabet's space), which comes back as ' ' (sentencepiece and llama.cpp al
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import re
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 
-from atlas_jax.errors import DataError, run_cli
+from atlas_jax.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 MODEL_TYPES = ("bpe", "unigram")
@@ -168,37 +166,3 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m atlas_jax.tokenizer", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a sentencepiece model on text files")
-    t.add_argument("--input", nargs="+", required=True,
-                   help="corpus names (tinyshakespeare), .txt/.jsonl files, directories or globs")
-    t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--out", required=True, help="directory for tokenizer.model and tokenizer.vocab")
-    t.add_argument("--type", choices=MODEL_TYPES, default="bpe")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--text-field", default="text", help=".jsonl: the field holding the text")
-    args = p.parse_args(argv)
-
-    # The entry point reads files the way data preparation does (names, globs, .jsonl, UTF-8 checks).
-    from atlas_jax.config import DataConfig
-    from atlas_jax.data.corpora import resolve_sources
-    from atlas_jax.data.prepare import iter_texts
-
-    start = time.perf_counter()
-    paths = resolve_sources(args.input)
-    tok = train_tokenizer(iter_texts(paths, DataConfig(text_field=args.text_field)), args.out,
-                          args.vocab_size, args.type, args.seed)
-    print(f"wrote {tok.path} ({args.type}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}) "
-          f"in {time.perf_counter() - start:.1f}s")
-    return 0
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -1,0 +1,45 @@
+"""`python -m atlas_jax.tokenizer train --input CORPUS --vocab-size N --out DIR`: train a tokenizer.
+
+The entry point reads files the way data preparation does (corpus names, globs, .jsonl, UTF-8
+checks), so it sits above both the tokenizer and the data floor.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+from atlas_jax.config import DataConfig
+from atlas_jax.data.corpora import resolve_sources
+from atlas_jax.data.prepare import iter_texts
+from atlas_jax.errors import run_cli
+from atlas_jax.tokenizer import MODEL_TYPES, train_tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m atlas_jax.tokenizer", description="Train a sentencepiece tokenizer.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train a sentencepiece model on text files")
+    t.add_argument("--input", nargs="+", required=True,
+                   help="corpus names (tinyshakespeare), .txt/.jsonl files, directories or globs")
+    t.add_argument("--vocab-size", type=int, required=True)
+    t.add_argument("--out", required=True, help="directory for tokenizer.model and tokenizer.vocab")
+    t.add_argument("--type", choices=MODEL_TYPES, default="bpe")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--text-field", default="text", help=".jsonl: the field holding the text")
+    args = p.parse_args(argv)
+
+    start = time.perf_counter()
+    paths = resolve_sources(args.input)
+    tok = train_tokenizer(iter_texts(paths, DataConfig(text_field=args.text_field)), args.out,
+                          args.vocab_size, args.type, args.seed)
+    print(f"wrote {tok.path} ({args.type}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}) "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def cli() -> None:
+    run_cli(main)
+
+
+if __name__ == "__main__":
+    cli()
