@@ -124,6 +124,16 @@ BAD_OVERRIDES = {  # id: (overrides, words the one-line message must contain)
     "microbatches-not-dividing": (["train.microbatches=3"], ["microbatches=3", "batch_size=8", "divide"]),
     "bad-arch": (["model.arch=mamba"], ["model.arch", "mamba", "llama"]),
     "odd-head-dim-for-rope": (["model.d_model=36", "model.n_heads=4"], ["head_dim", "even"]),
+    "nan-lr": (["train.lr=.nan"], ["train.lr", "finite"]),
+    "inf-lr": (["train.lr=inf"], ["train.lr", "finite"]),
+    "minus-inf-temperature": (["sample.temperature=-.inf"], ["sample.temperature", "finite"]),
+    "nan-as-string": (["train.weight_decay=nan"], ["train.weight_decay", "finite"]),
+    "bf16-params": (["model.param_dtype=bfloat16"], ["model.param_dtype=bfloat16", "float32 master weights",
+                                                     "compute_dtype=bfloat16"]),
+    "f16-compute": (["model.compute_dtype=float16"], ["model.compute_dtype=float16", "loss scaling", "bfloat16"]),
+    "cudnn-f32": (["model.attention=cudnn"], ["model.attention=cudnn", "bfloat16", "compute_dtype"]),
+    "rowmajor-with-remat": (["model.matmul=rowmajor", "model.remat=dots"], ["model.matmul=rowmajor", "remat"]),
+    "bad-tracker": (["train.tracking=wandb"], ["train.tracking", "mlflow"]),
 }
 
 
@@ -193,3 +203,25 @@ def test_save_config_then_load_config_is_equal(tmp_path, overrides):
 
 def test_model_config_head_dim():
     assert ModelConfig(d_model=96, n_heads=4).head_dim == 24
+
+
+def test_cudnn_in_bf16_is_accepted(tmp_path):
+    cfg = load_config(None, ["model.attention=cudnn", "model.compute_dtype=bfloat16"])
+    assert cfg.model.attention == "cudnn"
+
+
+@pytest.mark.parametrize("kind, name, tflops", [
+    ("NVIDIA H100 80GB HBM3", "H100 SXM", 989.4), ("NVIDIA H100 PCIe", "H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", "H100 NVL", 835.0), ("NVIDIA H200", "H200", 989.4), ("TPU v5 lite", "TPU v5e", 197.0)])
+def test_peak_flops_match_the_exact_device_kind(kind, name, tflops):
+    from atlas_jax.devices import peak_for_kind
+
+    peak = peak_for_kind(kind)
+    assert peak is not None and peak.name.startswith(name) and peak.flops == pytest.approx(tflops * 1e12)
+
+
+@pytest.mark.parametrize("kind", ["NVIDIA H100 PCIe-like", "H100", "cpu", "NVIDIA GeForce RTX 4090"])
+def test_peak_flops_of_an_unknown_kind_is_none_not_a_near_match(kind):
+    from atlas_jax.devices import peak_for_kind
+
+    assert peak_for_kind(kind) is None

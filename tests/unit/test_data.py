@@ -363,3 +363,28 @@ def test_shard_writer_grows_past_its_first_guess(tmp_path):
         writer.write(c)
     writer.close()
     np.testing.assert_array_equal(np.fromfile(tmp_path / "x.bin", dtype=np.uint16), np.concatenate(chunks))
+
+
+def test_tokenizer_with_a_piece_spanning_a_newline_is_refused(tmp_path, shakespeare_path):
+    """Shards are encoded line by line; a piece like '\\n\\n' would make that differ from encoding the
+    whole document, so such a tokenizer is refused with one line naming the piece."""
+    import io
+
+    import sentencepiece as spm
+
+    text = shakespeare_path.read_text(encoding="utf-8")[:200_000]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text.split("\n\n")), model_writer=model, vocab_size=400, model_type="bpe",
+        byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, user_defined_symbols=["\n\n"], minloglevel=2)
+    path = tmp_path / "nl.model"
+    path.write_bytes(model.getvalue())
+    tok = Tokenizer.load(path)
+    doc = "ROMEO:\n\nJULIET:\nSpeak."
+    lines = [i for part in ("ROMEO:\n", "\n", "JULIET:\n", "Speak.") for i in tok.encode(part)]
+    assert tok.encode(doc) != lines, "the premise: line-wise and whole-document encoding differ for this tokenizer"
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(text[:20_000], encoding="utf-8")
+    with pytest.raises(DataError, match=r"piece \d+ \('\\n\\n'\) spans a newline"):
+        prepare(_cfg(tok, [corpus]), tmp_path / "data", tok.vocab_size)

@@ -108,3 +108,55 @@ def test_two_processes_match_one_process(tmp_path, shakespeare_data_dir, shakesp
     for s in want:
         assert abs(got[s] - want[s]) <= 1e-5, f"step {s}: 2 processes {got[s]} vs 1 process {want[s]}"
     assert (multi / "checkpoints" / "5").is_dir(), "the 2-process run wrote no checkpoint"
+
+
+def test_one_signalled_process_stops_both_at_the_same_step_and_resumes_exactly(
+        tmp_path, shakespeare_data_dir, shakespeare_tokenizer):
+    """SIGTERM to process 1 only: both processes agree on the stop, save the same step together and
+    exit 130; resumed, the run's per-step losses equal a 1-process run that never stopped."""
+    import signal
+    import time
+
+    common = ["--config", "configs/tiny.yaml", "--no-progress", "--no-samples",
+              f"data.data_dir={shakespeare_data_dir}", f"data.tokenizer={shakespeare_tokenizer.path}",
+              "train.log_interval=1", "train.eval_interval=100000", "train.checkpoint_interval=100000",
+              "train.batch_size=8", "model.max_seq_len=32", "data.seq_len=32",
+              "train.schedule=constant", "train.warmup_steps=0"]  # the schedule does not depend on train.steps
+    multi = tmp_path / "multi"
+
+    def launch(steps: int):
+        port = _free_port()
+        return [subprocess.Popen(
+            [sys.executable, "-m", "atlas_jax.train", *common, f"train.steps={steps}", f"train.run_dir={multi}",
+             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO) for i in range(2)]
+
+    procs = launch(100000)
+    deadline, metrics = time.time() + 300, multi / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    outs = [p.communicate(timeout=300) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 130, f"process {i} exited {p.returncode}: {err[-3000:]}"
+    saved = [int(d.name) for d in (multi / "checkpoints").iterdir() if d.name.isdigit()]
+    assert len(saved) == 1, saved
+    stop = saved[0]
+    assert max(step_losses(multi)) == stop
+
+    procs = launch(stop + 3)
+    outs = [p.communicate(timeout=600) for p in procs]
+    for i, (p, (_, err)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"resumed process {i}: {err[-3000:]}"
+    assert "resumed from" in outs[0][1]
+
+    single = tmp_path / "single"
+    proc = subprocess.run([sys.executable, "-m", "atlas_jax.train", *common, f"train.steps={stop + 3}",
+                           f"train.run_dir={single}"], env=_env(), capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want, got = step_losses(single), step_losses(multi)
+    assert sorted(got) == sorted(want) == list(range(1, stop + 4))
+    for s in want:
+        assert abs(got[s] - want[s]) <= 1e-5, f"step {s}: 2 processes (resumed) {got[s]} vs 1 process {want[s]}"
