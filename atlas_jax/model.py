@@ -20,6 +20,10 @@ rotates, so Q/K rows export to GGUF without a permutation. atlas_torch_ref uses 
 
 GQA grouping: query head h reads key/value head h // (H / KV) (llama.cpp and `repeat_interleave`).
 
+Implementation switches (same math, tested against each other and against torch): `model.attention`
+(`attention_impl`: the grouped einsums of atlas_jax.kernels, XLA's or cuDNN's kernel) and
+`model.matmul` (`matmul_impl`: the row-major weight gradient of atlas_jax.kernels, or plain XLA).
+
 Two entry points, sharing params:
 - `model.apply(params, tokens_BxT)` -> logits_BxTxV (float32): training and evaluation.
 - `model.apply(params, tokens_BxT, positions_BxT, cache, method=Transformer.decode)`

@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.workers < 1:
         raise ConfigError(f"--workers must be positive, got {args.workers}")
+    from atlas_jax.data.corpora import resolve_sources
+
+    resolve_sources(args.input, "--input")  # named by its flag here; prepare() names data.sources
     tokenizer = None if args.tokenizer in (None, "none", "null") else args.tokenizer
     cfg = DataConfig(
         sources=args.input, tokenizer=tokenizer, tokenizer_type=args.type, data_dir=args.out,

@@ -107,8 +107,9 @@ def seed_cache(name: str, local_path: str | Path) -> Path:
     return path
 
 
-def resolve_sources(sources: list[str]) -> list[Path]:
-    """Each entry -> files: a known corpus name, a file, a directory (its .txt/.jsonl, recursive) or a glob."""
+def resolve_sources(sources: list[str], key: str = "data.sources") -> list[Path]:
+    """Each entry -> files: a known corpus name, a file, a directory (its .txt/.jsonl, recursive) or a glob.
+    `key` is what errors name: the config key, or a CLI's flag."""
     paths: list[Path] = []
     for entry in sources:
         path = Path(entry).expanduser()
@@ -119,13 +120,14 @@ def resolve_sources(sources: list[str]) -> list[Path]:
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix in SOURCE_SUFFIXES and p.is_file())
             if not found:
-                raise DataError(f"data source '{entry}': directory has no .txt or .jsonl files")
+                raise DataError(f"{key}: '{entry}' is a directory with no .txt or .jsonl files")
         elif glob.has_magic(entry):
             found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
             if not found:
-                raise DataError(f"data source '{entry}': the pattern matches no files")
+                raise DataError(f"{key}: the pattern '{entry}' matches no files; "
+                                f"put the corpus there or point {key} at your text")
         else:
-            raise DataError(f"data source '{entry}': no such file or directory, and not a known corpus "
+            raise DataError(f"{key}: '{entry}' is no file or directory, and not a known corpus "
                             f"({', '.join(CORPORA)})")
         paths.extend(p.resolve() for p in found)
     return list(dict.fromkeys(paths))  # drop repeats, keep order

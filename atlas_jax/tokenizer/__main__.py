@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     start = time.perf_counter()
-    paths = resolve_sources(args.input)
+    paths = resolve_sources(args.input, "--input")
     tok = train_tokenizer(iter_texts(paths, DataConfig(text_field=args.text_field)), args.out,
                           args.vocab_size, args.type, args.seed)
     print(f"wrote {tok.path} ({args.type}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}) "

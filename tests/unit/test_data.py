@@ -241,9 +241,9 @@ def test_val_batches_are_fixed_and_do_not_overlap(shakespeare_data_dir):
 
 
 def test_missing_source_is_named(tmp_path):
-    with pytest.raises(DataError, match=f"data source '{tmp_path}/nope.txt': no such file or directory"):
+    with pytest.raises(DataError, match=f"data.sources: '{tmp_path}/nope.txt' is no file or directory"):
         corpora.resolve_sources([str(tmp_path / "nope.txt")])
-    with pytest.raises(DataError, match="the pattern matches no files"):
+    with pytest.raises(DataError, match=r"data.sources: the pattern '.*' matches no files"):
         corpora.resolve_sources([str(tmp_path / "*.txt")])
 
 
@@ -341,7 +341,7 @@ def test_prepare_cli_tinyshakespeare(shakespeare_data_dir, tmp_path):
         np.testing.assert_array_equal(load_split(tmp_path, split), load_split(shakespeare_data_dir, split))
     bad = subprocess.run([*cmd[:5], str(tmp_path / "missing.txt"), *cmd[6:]], capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
-    assert bad.stderr.splitlines() == [f"error: data source '{tmp_path / 'missing.txt'}': no such file or "
+    assert bad.stderr.splitlines() == [f"error: --input: '{tmp_path / 'missing.txt'}' is no file or "
                                        f"directory, and not a known corpus (tinyshakespeare)"]
 
 

@@ -359,3 +359,14 @@ def test_nonfinite_streak_is_checked_every_step_not_only_at_log_boundaries(tmp_p
     # Step 1 applies, steps 2-4 are skipped: the streak of 3 is read at step 4 (or, one step late, 5).
     assert stopped in (4, 5), line
     assert not (run_dir / "checkpoints").is_dir() or not any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("config", ["configs/gpt2-124m.yaml", "configs/llama-125m.yaml"])
+def test_125m_configs_name_a_real_corpus_and_say_when_it_is_missing(tmp_path, config):
+    from atlas_jax.config import load_config
+
+    assert load_config(REPO / config).data.sources != ["tinyshakespeare"]
+    run_dir = tmp_path / "run"
+    proc = run_train(["--config", config, f"train.run_dir={run_dir}", "--no-progress"], timeout=300)
+    assert_one_line_error(proc, "data.sources", "matches no files")
+    assert not run_dir.exists()
