@@ -370,3 +370,27 @@ def test_125m_configs_name_a_real_corpus_and_say_when_it_is_missing(tmp_path, co
     proc = run_train(["--config", config, f"train.run_dir={run_dir}", "--no-progress"], timeout=300)
     assert_one_line_error(proc, "data.sources", "matches no files")
     assert not run_dir.exists()
+
+
+def test_training_with_mlflow_tracking_logs_params_metrics_and_artifacts(tmp_path, base_args):
+    """train.tracking=mlflow against the real local store: the config as params, train loss per step,
+    val loss at each eval, loss.png and config.yaml as artifacts; a resumed run continues the same run."""
+    from mlflow.tracking import MlflowClient
+
+    run_dir = tmp_path / "runs" / "tracked"
+    args = base_args + [f"train.run_dir={run_dir}", "train.tracking=mlflow", "train.steps=4",
+                        "train.log_interval=1", "train.eval_interval=2", "train.checkpoint_interval=2"]
+    proc = run_train(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run_train(args[:-4] + ["train.steps=6", "train.log_interval=1", "train.eval_interval=2",
+                                  "train.checkpoint_interval=2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "atlas"]
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.run_name == "tracked" and run.info.status == "FINISHED"
+    assert run.data.params["model.d_model"] == "64" and run.data.params["train.tracking"] == "mlflow"
+    loss_steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
+    assert loss_steps == [1, 2, 3, 4, 5, 6], loss_steps
+    assert sorted({m.step for m in client.get_metric_history(run.info.run_id, "val_loss")}) == [2, 4, 6]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"loss.png", "config.yaml"}
