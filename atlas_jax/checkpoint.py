@@ -13,6 +13,7 @@ the best by val loss.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,11 @@ def _read_json_item(step_dir: Path, item: str) -> dict:
 
 
 def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
+    """The first line of an exception from orbax/tensorstore, without Python reprs (`<bound method
+    pybind11_detail_function_record_v1_...>` says nothing to a person and gets cut off)."""
+    text = re.sub(r"<[^<>]*(>|$)", "", str(e).strip()).strip(" :;,")
+    text = " ".join(text.splitlines()[0].split()) if text else ""
+    return text[:200] if text else type(e).__name__
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract: PyTree, shardings: PyTree, cfg: Config) -> tuple[PyTree, dict]:

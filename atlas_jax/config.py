@@ -382,6 +382,20 @@ def validate(cfg: Config) -> None:
 # --------------------------------------------------------------------------- files
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key '{key}' appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                                  f"keep one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (or the defaults when path is None), apply overrides, resolve."""
     if path is None:
@@ -391,10 +405,15 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found; see configs/ for examples")
         try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ConfigError(f"{path}: not valid YAML ({first})") from None
+        if raw is None:
+            raise ConfigError(f"{path}: the file is empty; give at least one section ({', '.join(SECTIONS)}), "
+                              f"or leave out --config to use the defaults")
         cfg = from_dict(raw, source=str(path))
     return resolve(apply_overrides(cfg, overrides or []))
 

@@ -130,6 +130,9 @@ def cache_length(bucket: int, max_new_tokens: int) -> int:
 
 
 def check_sample_config(s: SampleConfig) -> None:
+    for key in ("temperature", "top_p"):
+        if not math.isfinite(getattr(s, key)):
+            raise ConfigError(f"sample.{key} (--{key.replace('_', '-')}) must be a finite number, got {getattr(s, key)}")
     if s.temperature < 0:
         raise ConfigError(f"sample.temperature must be >= 0 (0 = greedy), got {s.temperature}")
     if s.top_k < 0:
@@ -149,7 +152,9 @@ def check_prompt_lengths(lengths: Sequence[int], max_new_tokens: int, max_seq_le
     if longest + max_new_tokens > max_seq_len:
         room = max_seq_len - longest
         fix = (f"lower max_new_tokens (sample.max_new_tokens, --max-new-tokens) to at most {room} or shorten the prompt"
-               if room > 0 else f"shorten the prompt to fewer than {max_seq_len} tokens")
+               if room > 0 else f"shorten the prompt to at most {max_seq_len - max_new_tokens} tokens, or lower "
+                                f"max_new_tokens (--max-new-tokens)" if max_new_tokens < max_seq_len
+               else f"lower max_new_tokens (--max-new-tokens) below max_seq_len={max_seq_len} and shorten the prompt")
         raise AtlasError(f"prompt of {longest} token(s) + max_new_tokens={max_new_tokens} = {longest + max_new_tokens} "
                          f"exceeds the model's max_seq_len={max_seq_len}; {fix}")
 

@@ -23,6 +23,7 @@ from atlas_jax import checkpoint as ckpt
 from atlas_jax.config import Config, load_config, save_config
 from atlas_jax.devices import device_peak
 from atlas_jax.errors import AtlasError, DataError, run_cli
+from atlas_jax.files import DirLock, writable_dir
 from atlas_jax.model import count_params, flops_per_token
 from atlas_jax.sharding import (check_batch_divides, global_batch, make_flag_agreement, make_mesh,
                                 maybe_initialize_distributed, state_shardings)
@@ -74,7 +75,8 @@ def _log(msg: str) -> None:
 
 
 def prepare_run(cfg: Config, run_dir: Path):
-    """Tokenizer + shards (prepared once, by process 0), and the run's copy of the tokenizer."""
+    """Tokenizer + shards (prepared once, by process 0; the data dir only, nothing of the run yet).
+    Returns (data_dir, meta, tokenizer path)."""
     from atlas_jax.data.prepare import ensure_prepared, run_data_dir
     from jax.experimental import multihost_utils
 
@@ -82,16 +84,25 @@ def prepare_run(cfg: Config, run_dir: Path):
     tok_src = Path(cfg.data.tokenizer) if cfg.data.tokenizer else data_dir / "tokenizer.model"
     meta = None
     if _is_main():
-        meta = ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=_log)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if not (run_dir / "tokenizer.model").is_file() or (run_dir / "tokenizer.model").read_bytes() != tok_src.read_bytes():
-            shutil.copyfile(tok_src, run_dir / "tokenizer.model")
-        save_config(cfg, run_dir / "config.yaml")
+        # "up to date" is not news: a fresh data dir logs nothing, so an error that follows stays one line.
+        meta = ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir,
+                               log=lambda m: None if ": up to date," in m else _log(m))
     if jax.process_count() > 1:  # the others wait for process 0's files
         multihost_utils.sync_global_devices("atlas_run_prepared")
     if meta is None:  # the other processes read what process 0 prepared
         meta = ensure_prepared(cfg.data, cfg.model.vocab_size, data_dir, log=lambda *_: None)
-    return data_dir, meta
+    return data_dir, meta, tok_src
+
+
+def record_run(cfg: Config, run_dir: Path, tok_src: Path) -> None:
+    """The run's own copy of its tokenizer and its resolved config.yaml, written (by process 0) once the
+    checkpoint checks have passed, so a refused resume changes no file of the run."""
+    if not _is_main():
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not (run_dir / "tokenizer.model").is_file() or (run_dir / "tokenizer.model").read_bytes() != tok_src.read_bytes():
+        shutil.copyfile(tok_src, run_dir / "tokenizer.model")
+    save_config(cfg, run_dir / "config.yaml")
 
 
 def _val_set(cfg: Config, data_dir: Path, token_bytes: np.ndarray, n_devices: int):
@@ -151,17 +162,57 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
     return out
 
 
+IN_USE = "another trainer is running in it; wait for it, stop it"
+
+
 def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
+    """Own the run directory (process 0 locks it for the run's life), check every output location is
+    writable before any work, then train (`_train`)."""
+    from atlas_jax.data.corpora import resolve_sources
+
+    run_dir = Path(cfg.train.run_dir)
+    if not _is_main():
+        return _train(cfg, run_dir, progress)
+    resolve_sources(cfg.data.sources)  # a missing corpus is reported before anything is written
+    if fresh and run_dir.is_dir() and any(run_dir.iterdir()):
+        with DirLock(run_dir, "train.run_dir", IN_USE):  # never move a run that is training
+            pass
+        moved = ckpt.archive_run(run_dir)
+        _log(f"--fresh: moved the previous run to {moved}")
+    writable_dir(run_dir, "train.run_dir")
+    with DirLock(run_dir, "train.run_dir", IN_USE):
+        writable_dir(run_dir / ckpt.CHECKPOINTS, f"train.run_dir (its {ckpt.CHECKPOINTS}/)")
+        if cfg.data.data_dir:
+            writable_dir(cfg.data.data_dir, "data.data_dir")
+        return _train(cfg, run_dir, progress)
+
+
+def _save(manager, state, it, cfg: Config, val_loss, run_dir: Path, final: bool) -> bool:
+    """Save a checkpoint; on failure keep training (the state is still in memory) and say where the
+    last good checkpoint is, unless this was the last chance to save (end of run or a stop)."""
+    try:
+        ckpt.save(manager, state, it.get_state(), cfg, val_loss)
+        return True
+    except Exception as e:  # a full disk, a directory made read-only under us, ...
+        latest = manager.latest_step()
+        good = (f"the last good checkpoint is {run_dir / ckpt.CHECKPOINTS / str(latest)}" if latest is not None
+                else "no checkpoint has been saved yet")
+        step = int(jax.device_get(state["step"]))
+        why = " ".join(str(e).split())[:200] or type(e).__name__
+        if final:
+            raise AtlasError(f"{run_dir / ckpt.CHECKPOINTS}: could not save the checkpoint of step {step} ({why}); "
+                             f"{good}; free space or fix permissions and run the same command to resume") from None
+        _log(f"warning: could not save the checkpoint of step {step} ({why}); {good}; training goes on and "
+             f"tries again at the next checkpoint")
+        return False
+
+
+def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     from atlas_jax.data.loader import make_train_iterator
     from atlas_jax.tokenizer import Tokenizer
 
-    run_dir = Path(cfg.train.run_dir)
-    if fresh and _is_main():
-        moved = ckpt.archive_run(run_dir)
-        if moved:
-            _log(f"--fresh: moved the previous run to {moved}")
-    data_dir, meta = prepare_run(cfg, run_dir)
-    tokenizer = Tokenizer.load(run_dir / "tokenizer.model")
+    data_dir, meta, tok_src = prepare_run(cfg, run_dir)
+    tokenizer = Tokenizer.load(tok_src)
     token_bytes = tokenizer.token_byte_lengths()
 
     mesh = make_mesh(cfg.train.mesh)
@@ -174,11 +225,15 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
                              jax.process_index(), jax.process_count())
     latest = manager.latest_step()
     if latest is not None:
+        if latest > cfg.train.steps:
+            raise AtlasError(f"{run_dir / ckpt.CHECKPOINTS / str(latest)}: the run is already at step {latest}, past "
+                             f"train.steps={cfg.train.steps}; raise train.steps to train on, or start over with --fresh")
         state, it_state = ckpt.restore(manager, latest, abstract, shardings, cfg)
         it.set_state(it_state)
         _log(f"resumed from {run_dir / ckpt.CHECKPOINTS / str(latest)}")
     else:
         state, _ = create_sharded_state(cfg, mesh)
+    record_run(cfg, run_dir, tok_src)
     step_fn = make_train_step(cfg, mesh, shardings)
     eval_fn = make_eval_step(cfg, mesh, shardings["params"])
     val_local, val_tokens, val_bytes = _val_set(cfg, data_dir, token_bytes, mesh.size)
@@ -272,7 +327,8 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
                 _log(f"step {step}: val loss {val['val_loss']:.4f}, bits/byte {val['val_bpb']:.4f}")
             if step % cfg.train.checkpoint_interval == 0 or step == total or stopping:
                 flush_metrics()
-                ckpt.save(manager, state, it.get_state(), cfg, val["val_loss"] if val else None)
+                _save(manager, state, it, cfg, val["val_loss"] if val else None, run_dir,
+                      final=step == total or stopping)
             if stopping:
                 result.stopped = "interrupted"
                 break

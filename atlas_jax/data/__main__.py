@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         val_fraction=args.val_fraction, split_seed=args.split_seed, text_field=args.text_field,
         doc_separator=None if args.doc_separator is None else _unescape(args.doc_separator),
         num_workers=args.workers)
-    prepare(cfg, args.out, args.vocab_size, force=args.force)
+    prepare(cfg, args.out, args.vocab_size, force=args.force, what="--out")
     return 0
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from atlas_jax.config import DataConfig
 from atlas_jax.data.corpora import resolve_sources, sha256_file
 from atlas_jax.errors import DataError
+from atlas_jax.files import DirLock, writable_dir
 from atlas_jax.tokenizer import SPACE, Tokenizer, train_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -456,11 +457,12 @@ def _check_tokenizer(tok: Tokenizer, vocab_size: int | None, trained_here: bool)
 
 
 def prepare(data_cfg: DataConfig, data_dir: str | Path, vocab_size: int | None = None,
-            force: bool = False, log: Callable[[str], None] = print) -> dict:
+            force: bool = False, log: Callable[[str], None] = print, what: str = "data.data_dir") -> dict:
     """Make data_dir hold a tokenizer and shards matching the config; return meta.
 
     Quick when shards and meta already match the sources (size+mtime, else sha256), the settings and
     the tokenizer. vocab_size: the tokenizer's size must equal it; it is required to train one.
+    Writing takes data_dir's lock (a second writer is refused); `what` is the name errors give it.
     """
     data_dir = Path(data_dir)
     paths = resolve_sources(data_cfg.sources)
@@ -483,8 +485,14 @@ def prepare(data_cfg: DataConfig, data_dir: str | Path, vocab_size: int | None =
     if tok is None and vocab_size is None:
         raise DataError("a vocab size is needed to train a tokenizer (model.vocab_size / --vocab-size), "
                         "or name an existing one with data.tokenizer (--tokenizer)")
+    writable_dir(data_dir, what)
+    with DirLock(data_dir, what, "another `data prepare` or trainer is writing it; wait for it"):
+        return _write_all(paths, data_cfg, data_dir, tok, tok_path, vocab_size, sources, log)
+
+
+def _write_all(paths, data_cfg: DataConfig, data_dir: Path, tok, tok_path: Path, vocab_size, sources, log) -> dict:
+    """The tokenizer (when it is trained here), the shards and meta.json of data_dir (locked by the caller)."""
     start = time.perf_counter()
-    data_dir.mkdir(parents=True, exist_ok=True)
     log(f"reading {len(paths)} source file(s): {', '.join(p.name for p in paths[:5])}"
         f"{' ...' if len(paths) > 5 else ''}")
     doc_bytes = _scan(paths, data_cfg)

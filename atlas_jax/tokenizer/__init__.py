@@ -50,6 +50,8 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int, 
     """Train on a stream of text; write out_dir/tokenizer.model and .vocab; same input+seed -> same bytes."""
     if model_type not in MODEL_TYPES:
         raise DataError(f"tokenizer type '{model_type}' is not one of {', '.join(MODEL_TYPES)}")
+    if vocab_size < 1:
+        raise DataError(f"vocab size must be positive, got {vocab_size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()

@@ -11,7 +11,8 @@ import time
 from atlas_jax.config import DataConfig
 from atlas_jax.data.corpora import resolve_sources
 from atlas_jax.data.prepare import iter_texts
-from atlas_jax.errors import run_cli
+from atlas_jax.errors import ConfigError, run_cli
+from atlas_jax.files import writable_dir
 from atlas_jax.tokenizer import MODEL_TYPES, train_tokenizer
 
 
@@ -28,8 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--text-field", default="text", help=".jsonl: the field holding the text")
     args = p.parse_args(argv)
 
+    if args.vocab_size < 1:
+        raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size} (e.g. 2048; at least the "
+                          f"256 byte pieces plus the corpus's characters)")
     start = time.perf_counter()
     paths = resolve_sources(args.input, "--input")
+    writable_dir(args.out, "--out")
     tok = train_tokenizer(iter_texts(paths, DataConfig(text_field=args.text_field)), args.out,
                           args.vocab_size, args.type, args.seed)
     print(f"wrote {tok.path} ({args.type}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}) "

@@ -40,8 +40,19 @@ def test_yaml_values_land_in_their_sections_and_the_rest_are_defaults(tmp_path):
     assert cfg.train.lr == 0.001 and cfg.train.steps == Config().train.steps
 
 
-def test_empty_file_and_no_file_give_the_resolved_defaults(tmp_path):
-    assert load_config(write(tmp_path, "")) == load_config(None) == resolve(Config())
+def test_no_file_gives_the_resolved_defaults_and_an_empty_file_is_refused(tmp_path):
+    assert load_config(None) == resolve(Config())
+    for text in ("", "# only a comment\n"):
+        with pytest.raises(ConfigError, match="the file is empty; give at least one section"):
+            load_config(write(tmp_path, text))
+
+
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = write(tmp_path, "model:\n  d_model: 64\n  n_layers: 2\n  d_model: 128\n")
+    with pytest.raises(ConfigError, match=r"cfg.yaml: key 'd_model' appears twice \(lines 2 and 4\)"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"key 'model' appears twice \(lines 1 and 3\)"):
+        load_config(write(tmp_path, "model:\n  d_model: 64\nmodel:\n  n_layers: 2\n"))
 
 
 def test_resolve_fills_llama_derived_values(tmp_path):

@@ -1,0 +1,94 @@
+"""Output locations: checked writable before any work starts, and owned by one process at a time.
+
+- `writable_dir(path, what)`: make `path` a directory this process can write into (creating it and
+  its parents) or raise an AtlasError naming `what` (a config key or a flag) and the fix. A file
+  where the directory should be, a parent that is a file, a read-only or immutable place: all are
+  found here, not at the first save after hours of training.
+- `DirLock(path, what)`: an OS file lock (`fcntl.flock`) on `<path>/.atlas.lock`, held for the life
+  of a run or a data preparation and released by the OS when the process ends, crash included. A
+  second owner is refused with one line naming the PID that holds the lock.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+from atlas_jax.errors import AtlasError
+
+LOCK_NAME = ".atlas.lock"
+
+
+class PathError(AtlasError):
+    pass
+
+
+def _why(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def writable_dir(path: str | Path, what: str) -> Path:
+    """`path` as an existing directory that accepts new files, or a PathError naming `what`."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise PathError(f"{what}={path}: that is a file, not a directory; name a directory (or move the file)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        parent = next((p for p in path.parents if p.exists() and not p.is_dir()), path.parent)
+        raise PathError(f"{what}={path}: cannot create it, {parent} is a file; name another directory") from None
+    except OSError as e:
+        raise PathError(f"{what}={path}: cannot create the directory ({_why(e)}); name a writable place") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".atlas-write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PathError(f"{what}={path}: the directory is not writable ({_why(e)}); fix its permissions "
+                        f"or name another directory") from None
+    return path
+
+
+def writable_file(path: str | Path, what: str) -> Path:
+    """`path` as a file that can be written (its directory writable, not itself a directory)."""
+    path = Path(path)
+    if path.is_dir():
+        raise PathError(f"{what}={path}: that is a directory; name a file to write")
+    writable_dir(path.parent, f"{what} (its directory)")
+    return path
+
+
+class DirLock:
+    """Exclusive ownership of a directory for this process (see the module docstring)."""
+
+    def __init__(self, path: str | Path, what: str, hint: str = "wait for it to finish or stop it"):
+        self.path, self.what, self.hint = Path(path), what, hint
+        self.fd: int | None = None
+
+    def __enter__(self) -> "DirLock":
+        lock = self.path / LOCK_NAME
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PathError(f"{self.what}={self.path}: cannot create {LOCK_NAME} ({_why(e)})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise PathError(f"{self.what}={self.path}: cannot lock it ({_why(e)})") from None
+            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
+            os.close(fd)
+            raise PathError(f"{self.what}={self.path} is in use by PID {holder} (lock {lock}); "
+                            f"{self.hint}, or use another directory") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing releases the lock; the file stays (removing it would race)
+            self.fd = None
