@@ -211,6 +211,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     from atlas_jax.data.loader import make_train_iterator
     from atlas_jax.tokenizer import Tokenizer
 
+    # The tracker first: an unreachable train.tracking_uri is reported before anything is written.
+    tracker = make_tracker(cfg.train.tracking, cfg.train.tracking_uri, run_dir, _is_main())
     data_dir, meta, tok_src = prepare_run(cfg, run_dir)
     tokenizer = Tokenizer.load(tok_src)
     token_bytes = tokenizer.token_byte_lengths()
@@ -250,7 +252,6 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
          else f"MFU not reported: no peak FLOP/s known for device kind '{kind}' (atlas_jax/devices.py)")
 
     result = RunResult(run_dir=run_dir, step=int(jax.device_get(state["step"])))
-    tracker = make_tracker(cfg.train.tracking, cfg.train.tracking_uri, run_dir, _is_main())
     tracker.log_params(flatten_params(cfg))
     log = MetricsLog(run_dir, tracker, _is_main())
     start_step = result.step

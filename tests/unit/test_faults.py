@@ -203,3 +203,8 @@ def test_corrupt_checkpoint_line_has_no_cut_off_repr(tmp_path, trained, run_args
 ])
 def test_generate_refuses_bad_prompts_and_sampling_values(unchanged, args, stdin, needles):
     assert_fault(run("atlas_jax.generate", "--checkpoint", unchanged, *args, stdin=stdin), *needles)
+
+
+def test_unreachable_tracking_uri_is_one_line_before_anything_is_written(unchanged, run_args):
+    assert_fault(run("atlas_jax.train", *run_args, f"train.run_dir={unchanged}", "train.steps=8",
+                     "train.tracking=mlflow", "train.tracking_uri=http://127.0.0.1:9"), "train.tracking_uri")
