@@ -1,4 +1,6 @@
-"""Parity-suite environment: float32 on CPU on both sides, and a summary of observed deviations.
+"""Parity-suite environment: float32 on CPU on both sides (the one exception: cuDNN attention, which
+runs in bf16 on the GPU where one is present; test_model_parity.on_device), and a summary of observed
+deviations.
 
 Tests call the `observe(check, value)` fixture with each measured deviation; the largest per check
 is printed at the end of the run (`pytest tests/parity -q` shows it), which is where the numbers
@@ -21,7 +23,8 @@ _OBSERVED: dict[str, list[float]] = defaultdict(list)
 
 @pytest.fixture(autouse=True)
 def _jax_on_cpu():
-    """Run jax on the CPU even where an accelerator exists: its f32 matmuls are exact f32 (no TF32)."""
+    """Run jax on the CPU even where an accelerator exists: its f32 matmuls are exact f32 (no TF32).
+    A test may enter the GPU inside it (`jax.default_device`) for a path only a GPU runs."""
     with jax.default_device(jax.devices("cpu")[0]):
         yield
 

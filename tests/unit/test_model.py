@@ -1,5 +1,6 @@
-"""atlas_jax.model on its own: the param tree, shapes, causal masks, RoPE, parameter and FLOP counts,
-and left-padded batched decoding. (Agreement with the PyTorch reference is in tests/parity.)"""
+"""atlas_jax.model on its own: the param tree, shapes, causal masks, the kernel choice (attention,
+matmul) and the CPU kernels of atlas_jax.kernels against their plain counterparts, RoPE, parameter and
+FLOP counts, and left-padded batched decoding. (Agreement with the PyTorch reference is in tests/parity.)"""
 from __future__ import annotations
 
 import functools
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from atlas_jax import model as M
 from atlas_jax.config import ModelConfig, resolve_model
+from atlas_jax.kernels import einsum_attention, rowmajor_grad_dot_general
 
 V, D, H, KV, MAX_T = 97, 64, 4, 2, 16
 
@@ -117,7 +119,7 @@ def test_explicit_causal_mask_equals_is_causal():
     q, k, v = (jax.random.normal(key, (2, 5, 4, 8)) for key in jax.random.split(jax.random.key(1), 3))
     mask = jnp.broadcast_to(jnp.tril(jnp.ones((5, 5), bool)), (2, 5, 5))
     for impl in ("xla", "einsum"):
-        np.testing.assert_allclose(M.einsum_attention(q, k, v, mask), M.attention(q, k, v, impl), atol=1e-6)
+        np.testing.assert_allclose(einsum_attention(q, k, v, mask), M.attention(q, k, v, impl), atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -129,7 +131,7 @@ def test_rowmajor_grad_dense_matches_plain_dot_general(dtype):
     g = jax.random.normal(kg, (3, 7, 40)).astype(dtype)
     dims = (((2,), (0,)), ((), ()))
     plain = lambda x, w: jnp.sum(jax.lax.dot_general(x, w, dims).astype(jnp.float32) * g)  # noqa: E731
-    fast = lambda x, w: jnp.sum(M.rowmajor_grad_dot_general(x, w, dims).astype(jnp.float32) * g)  # noqa: E731
+    fast = lambda x, w: jnp.sum(rowmajor_grad_dot_general(x, w, dims).astype(jnp.float32) * g)  # noqa: E731
     (v0, (dx0, dw0)), (v1, (dx1, dw1)) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, w) for f in (plain, fast))
     tol = 1e-5 if dtype == "float32" else 5e-2
     np.testing.assert_allclose(v1, v0, rtol=tol)
@@ -138,9 +140,47 @@ def test_rowmajor_grad_dense_matches_plain_dot_general(dtype):
     np.testing.assert_allclose(np.asarray(dw1, np.float32), np.asarray(dw0, np.float32), rtol=tol, atol=tol)
 
 
-def test_auto_attention_picks_einsum_on_cpu():
-    assert M.attention_impl(tiny()) == "einsum"  # the suite runs on CPU
-    assert M.attention_impl(tiny(attention="xla")) == "xla"
+ON_GPU = jax.default_backend() == "gpu"
+ON_CPU = jax.default_backend() == "cpu"
+
+
+def test_auto_attention_picks_the_kernel_of_the_backend():
+    # GPU: cuDNN's fused kernel in bf16 (it takes no float32), XLA's in float32; elsewhere the grouped einsums.
+    assert M.attention_impl(tiny()) == ("xla" if ON_GPU else "einsum")
+    assert M.attention_impl(tiny(compute_dtype="bfloat16")) == ("cudnn" if ON_GPU else "einsum")
+    for impl in ("xla", "einsum"):
+        assert M.attention_impl(tiny(attention=impl)) == impl
+    assert M.attention_impl(tiny(attention="cudnn", compute_dtype="bfloat16")) == "cudnn"
+
+
+def test_auto_matmul_is_rowmajor_only_on_cpu_without_remat():
+    assert M.matmul_impl(tiny()) == ("rowmajor" if ON_CPU else "xla")
+    for remat in ("full", "dots"):  # a remat policy must see plain dot_generals
+        assert M.matmul_impl(tiny(remat=remat)) == "xla"
+    assert M.matmul_impl(tiny(matmul="xla")) == "xla"
+    assert M.matmul_impl(tiny(matmul="rowmajor")) == "rowmajor"
+
+
+@pytest.mark.parametrize("arch, tied", [("llama", False), ("gpt2", True)])
+def test_rowmajor_and_xla_matmul_give_the_same_loss_and_grads(arch, tied):
+    """model.matmul only changes how weight gradients are laid out: the loss and every gradient agree
+    to 1e-6 (absolute, with O(1) activations) between the two paths."""
+    # attention=xla: the only custom gradient left is the row-major matmul's, so the guard below can see it.
+    cfg_row, cfg_xla = (tiny(arch=arch, tie_embeddings=tied, n_layers=1, attention="xla", matmul=m)
+                        for m in ("rowmajor", "xla"))
+    params = o1_params(cfg_row)
+    rng = np.random.default_rng(0)
+    x, y = (rng.integers(0, V, (3, 11), dtype=np.int32) for _ in range(2))
+    uses_custom_vjp = [("custom_vjp" in str(jax.make_jaxpr(lambda p, c=c: M.loss_fn(p, c, x, y))(params)))
+                       for c in (cfg_row, cfg_xla)]
+    assert uses_custom_vjp == [True, False], f"the two configs do not take different matmul paths: {uses_custom_vjp}"
+    (l_row, g_row), (l_xla, g_xla) = (jax.jit(jax.value_and_grad(lambda p, c=c: M.loss_fn(p, c, x, y)))(params)
+                                      for c in (cfg_row, cfg_xla))
+    assert abs(float(l_row) - float(l_xla)) <= 1e-6, f"loss rowmajor {float(l_row)} vs xla {float(l_xla)}"
+    flat_xla = dict(jax.tree_util.tree_flatten_with_path(g_xla)[0])
+    for path, g in jax.tree_util.tree_flatten_with_path(g_row)[0]:
+        err = float(jnp.abs(g - flat_xla[path]).max())
+        assert err <= 1e-6, f"{jax.tree_util.keystr(path)}: rowmajor vs xla gradient max |Δ| {err:.3g} > 1e-6"
 
 
 # --------------------------------------------------------------------------- rope
