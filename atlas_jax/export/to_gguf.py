@@ -11,24 +11,41 @@ Types: f32, f16, bf16, q8_0, q4_0 (written here), q4_k_m, q5_k_m, q6_k (llama.cp
 needs llama-cpp-python). See atlas_jax/export/gguf.py for what each keeps at higher precision.
 A file llama.cpp may not reproduce exactly (a unigram tokenizer) is still written, with one
 `warning: ...` line on stderr.
+
+--out is checked before anything is loaded: its directory must exist and take a new file (one is
+created there and removed), an existing file is replaced only with --force, and the run's own files
+are never replaced, --force or not: inside the run dir (or its data dir) --out must be a .gguf name
+outside checkpoints/ that is new or already a GGUF file, and never the run's tokenizer. The file is
+written under a temporary name beside --out and renamed when complete, so a failed export leaves
+whatever was there. Every refusal is one `error: ...` line and exit 2.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
 
-from atlas_jax.errors import run_cli
-from atlas_jax.export.gguf import ALL_FTYPES, ExportWarning
+from atlas_jax.errors import AtlasError, run_cli
+from atlas_jax.export.gguf import ALL_FTYPES, ExportError, ExportWarning
+
+GGUF_MAGIC = b"GGUF"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage + error lines -> one AtlasError line
+        raise AtlasError(f"{message}; see --help")
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = _Parser(prog="to_gguf.py", description=__doc__.split("\n")[0])
     p.add_argument("checkpoint", metavar="RUN_DIR_OR_CHECKPOINT")
-    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument("--out", required=True, type=Path, help="the .gguf file to write")
+    p.add_argument("--force", action="store_true", help="replace --out when it exists (never a file of the run)")
     p.add_argument("--type", choices=ALL_FTYPES, default="f32", dest="ftype")
     p.add_argument("--name", default=None, help="general.name (default: the run dir's name)")
     p.add_argument("--write-output-for-tied", action="store_true",
@@ -38,26 +55,100 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibration-windows", type=int, default=32, metavar="N",
                    help="q4_0: train windows of data.seq_len tokens GPTQ measures inputs on (default 32)")
     args = p.parse_args(argv)
+    if args.calibration_windows < 1:
+        raise ExportError(f"--calibration-windows {args.calibration_windows}: must be at least 1 "
+                          f"(the train windows GPTQ measures q4_0 inputs on; --no-calibrate skips it)")
+
+    start = time.perf_counter()
+    # --out first, before JAX is imported: the run dir is the argument, or two up from checkpoints/<step>
+    check_out_dir(args.out)
+    given = Path(args.checkpoint)
+    for root in dict.fromkeys([given, *([given.parent.parent] if given.parent.name == "checkpoints" else [])]):
+        refuse_run_files(args.out, root)
+    if args.out.exists() and not args.force:
+        raise ExportError(f"--out {args.out}: the file exists; pass --force to replace it or choose another --out")
+    check_writable(args.out)
 
     from atlas_jax.checkpoint import find_checkpoint, load_for_inference
     from atlas_jax.data.prepare import run_data_dir
     from atlas_jax.export.calibrate import run_calibration
     from atlas_jax.export.gguf import export_gguf
 
-    start = time.perf_counter()
-    params, cfg, tokenizer = load_for_inference(args.checkpoint)
     run_dir, step_dir = find_checkpoint(args.checkpoint)
+    refuse_run_files(args.out, run_dir)
+    params, cfg, tokenizer = load_for_inference(args.checkpoint)
+    # the run's data dir and tokenizer may lie outside the run dir
+    refuse_run_files(args.out, run_data_dir(cfg.data, run_dir), tokenizer, *filter(None, [cfg.data.tokenizer]),
+                     where="the run's data dir")
     calibration, how = None, ""
     if args.ftype == "q4_0" and args.calibrate:
         calibration = run_calibration(params, cfg, run_data_dir(cfg.data, run_dir), args.calibration_windows)
         how = f", GPTQ on {args.calibration_windows} train windows"
-    with _export_warnings_as_lines():
-        out = export_gguf(params, cfg.model, tokenizer, args.out, args.ftype,
-                          args.name or Path(run_dir).resolve().name, args.write_output_for_tied,
-                          calibration=calibration)
+    try:
+        with _export_warnings_as_lines():
+            out = export_gguf(params, cfg.model, tokenizer, args.out, args.ftype,
+                              args.name or Path(run_dir).resolve().name, args.write_output_for_tied,
+                              calibration=calibration)
+    except OSError as e:  # disk full, the directory went away: the temporary is gone, --out untouched
+        raise ExportError(f"--out {args.out}: writing the GGUF file failed ({e.strerror or e}); "
+                          f"nothing was replaced, free space or choose another --out") from None
     print(f"wrote {out} ({args.ftype}{how}, {out.stat().st_size / 2**20:.2f} MiB, {cfg.model.arch}, from {step_dir}) "
           f"in {time.perf_counter() - start:.1f}s")
     return 0
+
+
+def check_out_dir(out: Path) -> None:
+    """--out names a file (not a directory) in a directory that exists."""
+    if out.is_dir():
+        raise ExportError(f"--out {out}: is a directory; give a file name, e.g. --out {out / 'model.gguf'}")
+    parent = out.parent
+    if not parent.exists():
+        raise ExportError(f"--out {out}: the directory {parent} does not exist; create it or choose another --out")
+    if not parent.is_dir():
+        raise ExportError(f"--out {out}: {parent} is not a directory; choose another --out")
+
+
+def refuse_run_files(out: Path, root: Path, *files: Path, where: str = "the run") -> None:
+    """--out may not replace a file of the run, --force or not: inside `root` (the run dir or its data
+    dir) only a .gguf name outside checkpoints/ that is new or already a GGUF file, and never one of
+    `files`. Both the name and what it links to are checked."""
+    named = out.parent.resolve() / out.name
+    root = root.resolve()
+    for place in dict.fromkeys([named, out.resolve()]):  # the name, then what it links to
+        what = "" if place == named else f"links to {place}, which "
+        never = "it is never replaced (not even with --force)"
+        if any(place == Path(f).resolve() for f in files):
+            raise ExportError(f"--out {out}: {what}is the run's tokenizer; {never}, choose another --out")
+        if place != root and root not in place.parents:
+            continue
+        why = None
+        if place == root or (root / "checkpoints") == place or (root / "checkpoints") in place.parents:
+            why = "is the run's own checkpoint data"
+        elif place.suffix != ".gguf":
+            why = f"is inside {where} {root} and not a .gguf name, so it may be one of the run's files"
+        elif place.exists() and not _is_gguf(place):
+            why = f"is a file in {where} {root} that is not a GGUF file"
+        if why:
+            raise ExportError(f"--out {out}: {what}{why}; {never}, choose another --out, e.g. {root / 'model.gguf'}")
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return path.is_file() and f.read(len(GGUF_MAGIC)) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+def check_writable(out: Path) -> None:
+    """A new file can be created beside --out (where the export writes its temporary), removed at once."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write in {out.parent} ({e.strerror or e}); "
+                          f"choose a writable directory") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 @contextlib.contextmanager
