@@ -16,7 +16,7 @@ echo "== train"; python -m atlas_jax.train --config configs/shakespeare.yaml "$@
 echo "== sample (atlas_jax)"
 python -m atlas_jax.generate --checkpoint "$RUN" --prompt "ROMEO:" --max-new-tokens 120 --seed 1
 echo "== export GGUF"
-python scripts/to_gguf.py "$RUN" --out "$RUN/shakespeare-f32.gguf"
-python scripts/to_gguf.py "$RUN" --out "$RUN/shakespeare-q8_0.gguf" --type q8_0
+python scripts/to_gguf.py "$RUN" --out "$RUN/shakespeare-f32.gguf" --force  # a re-run replaces its own exports
+python scripts/to_gguf.py "$RUN" --out "$RUN/shakespeare-q8_0.gguf" --type q8_0 --force
 echo "== generate (llama.cpp, q8_0)"
 python scripts/llamacpp_generate.py "$RUN/shakespeare-q8_0.gguf" --prompt "ROMEO:" --max-tokens 120 --seed 1

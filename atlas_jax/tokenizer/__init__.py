@@ -39,7 +39,7 @@ def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
             step = MAX_SENTENCE_BYTES // 4  # 4 UTF-8 bytes per character at most, so a slice fits
             for i in range(0, len(line), step):
                 yield line[i:i + step]
-            seen += len(line)
+            seen += len(line.encode("utf-8"))  # bytes, as max_bytes says (not characters)
             if seen >= max_bytes:
                 return
 
