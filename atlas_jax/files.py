@@ -92,3 +92,25 @@ class DirLock:
         if self.fd is not None:
             os.close(self.fd)  # closing releases the lock; the file stays (removing it would race)
             self.fd = None
+
+
+def check_utf8(text: str, where: str) -> str:
+    """Text from argv or a terminal holds undecodable bytes as surrogates (surrogateescape): refuse them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PathError(f"{where}: the prompt is not valid UTF-8 (undecodable byte at character {e.start}); "
+                        f"give UTF-8 text") from None
+    return text
+
+
+def read_stdin_utf8() -> str:
+    """All of stdin as UTF-8 text, or one line naming the first invalid byte and its offset."""
+    import sys
+
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PathError(f"stdin: the prompt is not UTF-8 (invalid byte 0x{data[e.start]:02x} at offset {e.start}); "
+                        f"convert it, e.g. iconv -f latin1 -t utf-8") from None

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from atlas_jax.errors import AtlasError, run_cli
+from atlas_jax.files import check_utf8, read_stdin_utf8
 
 BOLD, RESET = "\x1b[1m", "\x1b[0m"
 
@@ -65,27 +66,13 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     elif sys.stdin.isatty():
         raise AtlasError("no prompt: give --prompt TEXT, --prompts-file FILE, pipe text on stdin, or --interactive")
     else:
-        data = sys.stdin.buffer.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise AtlasError(f"stdin: the prompt is not UTF-8 (invalid byte 0x{data[e.start]:02x} at offset {e.start}); "
-                             f"convert it, e.g. iconv -f latin1 -t utf-8") from None
+        text = read_stdin_utf8()
         prompts, where = [text[:-1] if text.endswith("\n") else text], ["stdin"]
     for prompt, w in zip(prompts, where):
         if not prompt:
             raise AtlasError(f"{w}: the prompt is empty; give some text to continue")
         check_utf8(prompt, w)
     return prompts
-
-
-def check_utf8(text: str, where: str) -> None:
-    """Text from argv or a terminal holds undecodable bytes as surrogates (surrogateescape): refuse them."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise AtlasError(f"{where}: the prompt is not valid UTF-8 (undecodable byte at character {e.start}); "
-                         f"give UTF-8 text") from None
 
 
 class TextStream:

@@ -211,8 +211,6 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     from atlas_jax.data.loader import make_train_iterator
     from atlas_jax.tokenizer import Tokenizer
 
-    # The tracker first: an unreachable train.tracking_uri is reported before anything is written.
-    tracker = make_tracker(cfg.train.tracking, cfg.train.tracking_uri, run_dir, _is_main())
     data_dir, meta, tok_src = prepare_run(cfg, run_dir)
     tokenizer = Tokenizer.load(tok_src)
     token_bytes = tokenizer.token_byte_lengths()
@@ -232,10 +230,14 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
                              f"train.steps={cfg.train.steps}; raise train.steps to train on, or start over with --fresh")
         state, it_state = ckpt.restore(manager, latest, abstract, shardings, cfg)
         it.set_state(it_state)
-        _log(f"resumed from {run_dir / ckpt.CHECKPOINTS / str(latest)}")
     else:
         state, _ = create_sharded_state(cfg, mesh)
+    # The tracker once the resume checks passed (a refused resume writes no tb/ events) and before the
+    # run's files are recorded (an unreachable train.tracking_uri changes nothing).
+    tracker = make_tracker(cfg.train.tracking, cfg.train.tracking_uri, run_dir, _is_main())
     record_run(cfg, run_dir, tok_src)
+    if latest is not None:
+        _log(f"resumed from {run_dir / ckpt.CHECKPOINTS / str(latest)}")
     step_fn = make_train_step(cfg, mesh, shardings)
     eval_fn = make_eval_step(cfg, mesh, shardings["params"])
     val_local, val_tokens, val_bytes = _val_set(cfg, data_dir, token_bytes, mesh.size)

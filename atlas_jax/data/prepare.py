@@ -339,7 +339,7 @@ def _tokenized(tasks: Iterator[list], tokenizer_path: Path, dtype: str, workers:
             yield pending.popleft().get()
 
 
-class _ShardWriter:
+class ShardWriter:
     """Appends tokens to a memmap of `capacity` tokens (grown if need be), trimmed on close."""
 
     def __init__(self, path: Path, dtype: str, capacity: int):
@@ -373,7 +373,7 @@ def _write_shards(paths, cfg: DataConfig, doc_bytes, tok: Tokenizer, data_dir: P
     dtype = token_dtype(tok.vocab_size)
     # With our tokenizers a token stands for one byte or more: a split has at most bytes + segments tokens.
     capacity = sum(int(b.sum()) + len(b) for b in doc_bytes)
-    writers = [_ShardWriter(data_dir / f"{name}.bin", dtype, capacity) for name in SPLITS]
+    writers = [ShardWriter(data_dir / f"{name}.bin", dtype, capacity) for name in SPLITS]
     nbytes, segments = [0, 0], [0, 0]
     items = _split_items(paths, cfg, doc_bytes)
     for tokens, b, s in _tokenized(_tasks(items), tok.path, dtype, workers):

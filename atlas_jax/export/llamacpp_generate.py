@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 from atlas_jax.errors import AtlasError, run_cli
+from atlas_jax.files import check_utf8, read_stdin_utf8
 
 GGUF_MAGIC = b"GGUF"
 GGUF_HEADER_BYTES = 24  # magic, version (u32), tensor count (u64), metadata count (u64)
@@ -63,21 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def read_prompt(prompt: str | None) -> tuple[str, str]:
     """(the prompt text, where it came from); not UTF-8 or empty is an AtlasError."""
     if prompt is not None:
-        try:
-            prompt.encode("utf-8")  # argv holds undecodable bytes as surrogates (surrogateescape)
-        except UnicodeEncodeError as e:
-            raise AtlasError(f"--prompt is not valid UTF-8 (undecodable byte at character {e.start}); "
-                             f"give UTF-8 text") from None
+        check_utf8(prompt, "--prompt")
         text, where = prompt, "--prompt"
     elif sys.stdin is None or sys.stdin.isatty():
         raise AtlasError("no prompt: give --prompt TEXT or pipe the text on stdin")
     else:
-        data = sys.stdin.buffer.read()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise AtlasError(f"stdin: the prompt is not UTF-8 (invalid byte 0x{data[e.start]:02x} at offset "
-                             f"{e.start}); convert it, e.g. iconv -f latin1 -t utf-8") from None
+        text = read_stdin_utf8()
         text, where = text.removesuffix("\n"), "stdin"
     if not text:
         raise AtlasError(f"{where}: the prompt is empty; give the text to continue")

@@ -3,7 +3,7 @@ runs in bf16 on the GPU where one is present; test_model_parity.on_device), and 
 deviations.
 
 Tests call the `observe(check, value)` fixture with each measured deviation; the largest per check
-is printed at the end of the run (`pytest tests/parity -q` shows it), which is where the numbers
+is printed at the end of a one-process run (`pytest tests/parity -q -n 0` shows it), which is where the numbers
 quoted in issue notes come from.
 """
 from __future__ import annotations

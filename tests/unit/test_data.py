@@ -357,7 +357,7 @@ def test_tokenizer_that_changes_text_is_refused(shakespeare_path, tmp_path):
 
 
 def test_shard_writer_grows_past_its_first_guess(tmp_path):
-    writer = prep._ShardWriter(tmp_path / "x.bin", "uint16", capacity=3)
+    writer = prep.ShardWriter(tmp_path / "x.bin", "uint16", capacity=3)
     chunks = [np.arange(i * 10, i * 10 + n, dtype=np.uint16) for i, n in enumerate([2, 5, 0, 11])]
     for c in chunks:
         writer.write(c)

@@ -139,7 +139,7 @@ def test_errors_name_the_lengths_and_the_fix(params):
     with pytest.raises(AtlasError, match=r"prompt of 60 token\(s\) \+ max_new_tokens=12 = 72 exceeds the model's "
                                          r"max_seq_len=64; lower max_new_tokens .* to at most 4"):
         sample.generate(params, [[1], list(range(60))], jax.random.key(0), SAMPLING, CFG)
-    with pytest.raises(AtlasError, match="shorten the prompt to fewer than 64 tokens"):
+    with pytest.raises(AtlasError, match="shorten the prompt to at most 52 tokens"):
         sample.generate(params, [list(range(64))], jax.random.key(0), SAMPLING, CFG)
     with pytest.raises(AtlasError, match="prompt 1 is empty"):
         sample.stream(params, [[1], []], jax.random.key(0), SAMPLING, CFG)  # raises before the first step
@@ -222,7 +222,7 @@ def _cli_in_process(argv: list[str], monkeypatch, capsys, stdin: str = "") -> tu
     from atlas_jax.errors import run_cli
     from atlas_jax.generate import main
 
-    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin.encode("utf-8")), encoding="utf-8"))
     with pytest.raises(SystemExit) as exit_info:
         run_cli(lambda: main(argv))
     out, err = capsys.readouterr()
