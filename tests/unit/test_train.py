@@ -299,36 +299,36 @@ def _saved_checkpoint(tmp_path, cfg):
     return manager
 
 
+def _restore_under(manager, cfg):
+    """Restore step 0 of `manager` into the state `cfg` builds (on one device): what a resume does."""
+    from atlas_jax.sharding import state_shardings
+    from atlas_jax.train_step import abstract_state
+
+    abstract = abstract_state(cfg)
+    return ckpt.restore(manager, 0, abstract, state_shardings(abstract, make_mesh([1, 1], jax.devices()[:1])), cfg)
+
+
 @pytest.mark.parametrize("override", [
     {"rope_theta": 500000.0}, {"norm_eps": 1e-6}, {"arch": "gpt2"}, {"d_ff": 192}, {"tie_embeddings": False},
     {"vocab_size": 96}, {"n_kv_heads": 1}, {"dropout": 0.1}])
 def test_resume_refuses_a_model_field_that_changes_the_math(tmp_path, override):
     import dataclasses
 
-    from atlas_jax.sharding import state_shardings
-    from atlas_jax.train_step import abstract_state
-
     cfg = _tiny_cfg()
     manager = _saved_checkpoint(tmp_path, cfg)
     other = resolve(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **override)))
-    abstract = abstract_state(other)
-    mesh = make_mesh([1, 1], jax.devices()[:1])
     (field, value), = override.items()
     with pytest.raises(ckpt.CheckpointError, match=f"model.{field}: checkpoint .* vs config {value!r}"):
-        ckpt.restore(manager, 0, abstract, state_shardings(abstract, mesh), other)
+        _restore_under(manager, other)
 
 
 def test_resume_accepts_an_implementation_change(tmp_path):
     import dataclasses
 
-    from atlas_jax.sharding import state_shardings
-    from atlas_jax.train_step import abstract_state
-
     cfg = _tiny_cfg()
     manager = _saved_checkpoint(tmp_path, cfg)
     other = resolve(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, attention="xla", matmul="xla")))
-    abstract = abstract_state(other)
-    state, _ = ckpt.restore(manager, 0, abstract, state_shardings(abstract, make_mesh([1, 1], jax.devices()[:1])), other)
+    state, _ = _restore_under(manager, other)
     assert int(state["step"]) == 0
 
 
@@ -336,16 +336,12 @@ def test_resume_accepts_an_implementation_change(tmp_path):
 def test_resume_says_which_optimizer_setting_changed(tmp_path, train):
     import dataclasses
 
-    from atlas_jax.sharding import state_shardings
-    from atlas_jax.train_step import abstract_state
-
     cfg = _tiny_cfg()
     manager = _saved_checkpoint(tmp_path, cfg)
     other = resolve(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train)))
-    abstract = abstract_state(other)
     (field, _), = train.items()
     with pytest.raises(ckpt.CheckpointError, match=f"optimizer state was saved with another structure .*train.{field}"):
-        ckpt.restore(manager, 0, abstract, state_shardings(abstract, make_mesh([1, 1], jax.devices()[:1])), other)
+        _restore_under(manager, other)
 
 
 def test_nonfinite_streak_is_checked_every_step_not_only_at_log_boundaries(tmp_path, base_args):
