@@ -59,6 +59,26 @@ def save(manager: ocp.CheckpointManager, state: PyTree, data_iter_state: dict, c
     manager.wait_until_finished()
 
 
+MODEL_ITEMS = ("params", "config")
+
+
+def save_model(run_dir: Path, params: PyTree, cfg: Config, step: int = 0) -> Path:
+    """A params-only checkpoint (an imported model, no optimizer state): `load_for_inference` reads it
+    like any other; a training run starts from it with train.init_from=run:RUN_DIR."""
+    manager = ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS, item_names=MODEL_ITEMS,
+                                    options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+                                               config=ocp.args.JsonSave(to_dict(cfg))), force=True)
+    manager.wait_until_finished()
+    manager.close()
+    return Path(run_dir) / CHECKPOINTS / str(step)
+
+
+def is_model_only(step_dir: Path) -> bool:
+    """A checkpoint of params without optimizer state (`save_model`)."""
+    return (Path(step_dir) / "params").is_dir() and not (Path(step_dir) / "opt_state").exists()
+
+
 # Model fields that choose how the same function is computed; every other model field changes the
 # function (or the params' shapes), so a checkpoint resumes only under the config it was made with.
 IMPLEMENTATION_FIELDS = ("remat", "attention", "matmul")
@@ -160,15 +180,20 @@ def find_checkpoint(path: str | Path) -> tuple[Path, Path]:
     return path, ckpt_root / str(steps[0])
 
 
-def load_for_inference(path: str | Path) -> tuple[PyTree, Config, Path]:
-    """(params as host numpy arrays, resolved Config, tokenizer path) from a run or step dir."""
-    run_dir, step_dir = find_checkpoint(path)
+def checkpoint_config(step_dir: Path) -> Config:
+    """The resolved config a checkpoint was saved with."""
     try:
-        cfg = resolve(from_dict(_read_json_item(step_dir, "config"), source=str(step_dir / "config")))
+        return resolve(from_dict(_read_json_item(step_dir, "config"), source=str(step_dir / "config")))
     except CheckpointError:
         raise
     except Exception as e:
         raise CheckpointError(f"{step_dir}: the checkpoint's config is not an Atlas config ({e})") from None
+
+
+def load_for_inference(path: str | Path) -> tuple[PyTree, Config, Path]:
+    """(params as host numpy arrays, resolved Config, tokenizer path) from a run or step dir."""
+    run_dir, step_dir = find_checkpoint(path)
+    cfg = checkpoint_config(step_dir)
     abstract = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
     try:
         params = ocp.StandardCheckpointer().restore(step_dir.absolute() / "params", abstract)

@@ -100,6 +100,9 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     tracking: str = "tensorboard"  # tensorboard | mlflow | none (metrics.jsonl is always written)
     tracking_uri: str | None = None  # mlflow: None -> sqlite:///<run_dir>/../mlflow.db (local); http(s)://server
+    # run:PATH (another run's params) | hf:SRC (a Hugging Face model dir or hub id): the first step starts
+    # from that model's params, architecture and tokenizer, with a fresh optimizer and schedule.
+    init_from: str | None = None
 
 
 @dataclass
@@ -340,9 +343,17 @@ def validate_precision(m: ModelConfig) -> None:
             f"use model.matmul=auto (or xla) with remat")
 
 
+INIT_KINDS = ("run", "hf")
+
+
 def validate(cfg: Config) -> None:
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
     validate_model(m)
+    if t.init_from is not None:
+        kind, _, src = t.init_from.partition(":")
+        if kind not in INIT_KINDS or not src.strip():
+            raise ConfigError(f"train.init_from: '{t.init_from}' is not run:PATH (another Atlas run) or hf:SRC "
+                              f"(a Hugging Face model directory or hub id)")
     _choice(t.schedule, SCHEDULES, "train.schedule")
     _choice(t.tracking, TRACKERS, "train.tracking")
     _choice(d.tokenizer_type, TOKENIZER_TYPES, "data.tokenizer_type")

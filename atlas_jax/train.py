@@ -12,6 +12,7 @@ import math
 import shutil
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from atlas_jax import checkpoint as ckpt
 from atlas_jax.config import Config, load_config, save_config
 from atlas_jax.devices import device_peak
-from atlas_jax.errors import AtlasError, DataError, run_cli
+from atlas_jax.errors import AtlasError, CheckpointError, DataError, run_cli
 from atlas_jax.files import DirLock, writable_dir
 from atlas_jax.model import count_params, flops_per_token
 from atlas_jax.sharding import (check_batch_divides, global_batch, make_flag_agreement, make_mesh,
@@ -187,6 +188,30 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
         return _train(cfg, run_dir, progress)
 
 
+def _resolve_init(cfg: Config, run_dir: Path):
+    """train.init_from: the source's architecture, and its tokenizer as the run's own (copied into the
+    run dir by process 0 before the data is prepared with it)."""
+    from atlas_jax.init_from import check_tokenizer, init_source, with_init_model
+
+    with tempfile.TemporaryDirectory() as scratch:
+        init = init_source(cfg.train.init_from, Path(scratch))
+        cfg = with_init_model(cfg, init)
+        own = check_tokenizer(cfg, init, run_dir)
+        if _is_main() and not own.is_file():
+            run_dir.mkdir(parents=True, exist_ok=True)
+            tmp = own.with_name(own.name + ".tmp")
+            shutil.copyfile(init.tokenizer, tmp)
+            tmp.replace(own)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=str(own))), init
+
+
+def _place(params, shardings):
+    """Host params -> global arrays in the state's shardings (each process supplies its own shards)."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x[idx], np.float32)),
+        params, shardings)
+
+
 def _save(manager, state, it, cfg: Config, val_loss, run_dir: Path, final: bool) -> bool:
     """Save a checkpoint; on failure keep training (the state is still in memory) and say where the
     last good checkpoint is, unless this was the last chance to save (end of run or a stop)."""
@@ -211,6 +236,15 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     from atlas_jax.data.loader import make_train_iterator
     from atlas_jax.tokenizer import Tokenizer
 
+    steps = sorted(int(p.name) for p in (run_dir / ckpt.CHECKPOINTS).iterdir() if p.name.isdigit()) \
+        if (run_dir / ckpt.CHECKPOINTS).is_dir() else []
+    if steps and ckpt.is_model_only(run_dir / ckpt.CHECKPOINTS / str(steps[-1])):  # before any file is written
+        raise CheckpointError(f"{run_dir / ckpt.CHECKPOINTS / str(steps[-1])}: a model without optimizer state (an "
+                              f"import); train from it in a new run: train.init_from=run:{run_dir} "
+                              f"train.run_dir=NEW_DIR")
+    init = None
+    if cfg.train.init_from:
+        cfg, init = _resolve_init(cfg, run_dir)
     data_dir, meta, tok_src = prepare_run(cfg, run_dir)
     tokenizer = Tokenizer.load(tok_src)
     token_bytes = tokenizer.token_byte_lengths()
@@ -232,6 +266,9 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
         it.set_state(it_state)
     else:
         state, _ = create_sharded_state(cfg, mesh)
+        if init is not None:
+            state["params"] = _place(init.load_params(), shardings["params"])
+            _log(f"initialized from {init.spec} ({init.where}): its params, a fresh optimizer at step 0")
     # The tracker once the resume checks passed (a refused resume writes no tb/ events) and before the
     # run's files are recorded (an unreachable train.tracking_uri changes nothing).
     tracker = make_tracker(cfg.train.tracking, cfg.train.tracking_uri, run_dir, _is_main())
