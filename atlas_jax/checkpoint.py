@@ -2,7 +2,7 @@
 
 A run directory:
     RUN_DIR/config.yaml            the resolved config of the run
-    RUN_DIR/tokenizer.model        the tokenizer the run trains with
+    RUN_DIR/tokenizer.model        the tokenizer the run trains with (tokenizer.json: a Hugging Face one)
     RUN_DIR/checkpoints/<step>/    orbax items: params, opt_state, train (step, rng, bad_steps),
                                    data_iter (the loader's state, JSON), config (JSON)
 
@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 from atlas_jax.config import Config, from_dict, resolve, to_dict
 from atlas_jax.errors import CheckpointError
 from atlas_jax.model import init_params
+from atlas_jax.tokenizer import TOKENIZER_FILES, find_tokenizer
 
 PyTree = Any
 CHECKPOINTS = "checkpoints"
@@ -65,9 +66,13 @@ MODEL_ITEMS = ("params", "config")
 def save_model(run_dir: Path, params: PyTree, cfg: Config, step: int = 0) -> Path:
     """A params-only checkpoint (an imported model, no optimizer state): `load_for_inference` reads it
     like any other; a training run starts from it with train.init_from=run:RUN_DIR."""
+    # Uncompressed, at most 1 GB in flight: an import's peak memory stays near the params themselves.
+    handlers = {"params": ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, use_compression=False),
+                "config": ocp.JsonCheckpointHandler()}
     manager = ocp.CheckpointManager(Path(run_dir).absolute() / CHECKPOINTS, item_names=MODEL_ITEMS,
+                                    item_handlers=handlers,
                                     options=ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False))
-    manager.save(step, args=ocp.args.Composite(params=ocp.args.StandardSave(params),
+    manager.save(step, args=ocp.args.Composite(params=ocp.args.PyTreeSave(params),
                                                config=ocp.args.JsonSave(to_dict(cfg))), force=True)
     manager.wait_until_finished()
     manager.close()
@@ -205,13 +210,16 @@ def load_for_inference(path: str | Path) -> tuple[PyTree, Config, Path]:
 
 
 def tokenizer_path(run_dir: Path, cfg: Config) -> Path:
-    candidates = [Path(run_dir) / "tokenizer.model"]
+    """The run's own tokenizer (tokenizer.model or tokenizer.json), else data.tokenizer."""
+    own = find_tokenizer(run_dir)  # a DataError when it holds both
+    candidates = [Path(run_dir) / name for name in TOKENIZER_FILES]
+    if own is not None:
+        return own
     if cfg.data.tokenizer:
         candidates.append(Path(cfg.data.tokenizer))
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise CheckpointError(f"{run_dir}: the run's tokenizer.model is missing (looked in {', '.join(map(str, candidates))})")
+        if Path(cfg.data.tokenizer).is_file():
+            return Path(cfg.data.tokenizer)
+    raise CheckpointError(f"{run_dir}: the run's tokenizer is missing (looked for {', '.join(map(str, candidates))})")
 
 
 def archive_run(run_dir: Path) -> Path | None:
