@@ -25,7 +25,7 @@ REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
 MATMUL_IMPLS = ("auto", "rowmajor", "xla")
 SCHEDULES = ("cosine", "linear", "constant")
-TOKENIZER_TYPES = ("bpe", "unigram")
+TOKENIZER_TYPES = ("bpe", "unigram", "bytelevel")  # sentencepiece bpe/unigram; GPT-2-style byte-level BPE
 TRACKERS = ("tensorboard", "mlflow", "none")
 
 
@@ -65,8 +65,10 @@ class DataConfig:
     sources: list[str] = field(default_factory=lambda: ["tinyshakespeare"])
     doc_separator: str | None = None  # .txt: None -> the whole file is one document
     text_field: str = "text"  # .jsonl: the field holding the text
-    tokenizer: str | None = None  # a .model file; None -> <data_dir>/tokenizer.model, trained if missing
-    tokenizer_type: str = "bpe"  # bpe | unigram
+    # a tokenizer.model (sentencepiece) or tokenizer.json (Hugging Face) file; None -> the data dir's own,
+    # trained if missing: <data_dir>/tokenizer.json for bytelevel, <data_dir>/tokenizer.model otherwise
+    tokenizer: str | None = None
+    tokenizer_type: str = "bpe"  # bpe | unigram (sentencepiece) | bytelevel (byte-level BPE, tokenizers)
     data_dir: str | None = None  # prepared shards; None -> <run_dir>/data
     seq_len: int = 256
     val_fraction: float = 0.1

@@ -109,7 +109,7 @@ class Session:
         self.tokenizer = Tokenizer.load(tokenizer_path)
         if self.tokenizer.vocab_size != cfg.model.vocab_size:
             raise AtlasError(f"{tokenizer_path} has {self.tokenizer.vocab_size} pieces but the checkpoint's "
-                             f"model.vocab_size={cfg.model.vocab_size}; put the run's own tokenizer.model beside it")
+                             f"model.vocab_size={cfg.model.vocab_size}; put the run's own tokenizer file (tokenizer.model or tokenizer.json) beside it")
         flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
                  "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
         self.sample_cfg = dataclasses.replace(cfg.sample, **{k: v for k, v in flags.items() if v is not None})

@@ -213,7 +213,7 @@ def _prepare(prompt_tokens, key, sample_cfg: SampleConfig, model_cfg: ModelConfi
         tokens[b, bucket - len(p):] = p
         positions[b, bucket - len(p):] = np.arange(len(p))
     eos = -1 if eos_id is None else int(eos_id)
-    pad = int(pad_id) if pad_id is not None else max(eos, 0)
+    pad = int(pad_id) if pad_id is not None and pad_id >= 0 else max(eos, 0)  # -1: no pad token (GPT-2)
     greedy = sample_cfg.temperature == 0  # the filters cannot change an argmax: one compile for all
     plan = _Plan(float(sample_cfg.temperature), 0 if greedy else int(sample_cfg.top_k),
                  1.0 if greedy else float(sample_cfg.top_p), cache_length(bucket, n_new), eos, pad)
@@ -305,8 +305,8 @@ def generate(params: PyTree, prompt_tokens: Sequence[Sequence[int]], key: Array,
     """Generate up to sample_cfg.max_new_tokens tokens after each prompt.
 
     prompt_tokens: B token-id lists, lengths may differ. key: one PRNG key, or B keys (one per row).
-    eos_id: stop a row once it emits this token (None: run to max_new_tokens). pad_id: what a
-    finished row emits (default eos_id, or 0). Returns (tokens_BxN int32, lengths_B int32): row b
+    eos_id: stop a row once it emits this token (None or -1: run to max_new_tokens). pad_id: what a
+    finished row emits (None or -1, a tokenizer without one: eos_id, or 0). Returns (tokens_BxN int32, lengths_B int32): row b
     generated tokens_BxN[b, :lengths_B[b]] (ending with eos_id when it stopped there); the rest is pad_id.
     """
     p = _prepare(prompt_tokens, key, sample_cfg, model_cfg, eos_id, pad_id)

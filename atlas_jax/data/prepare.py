@@ -1,6 +1,6 @@
 """Corpus files -> token shards: read lazily, check, split train/val, tokenize in workers, write memmaps.
 
-    <data_dir>/tokenizer.model   trained here when data.tokenizer is None
+    <data_dir>/tokenizer.model   trained here when data.tokenizer is None (tokenizer.json for bytelevel)
     <data_dir>/train.bin         every train document's tokens followed by eos_id, in corpus order
     <data_dir>/val.bin           the same for val
     <data_dir>/meta.json         counts, dtype, checksums of sources and tokenizer; written last
@@ -13,6 +13,10 @@ nanoGPT validates on the last 10% of the file.
 
 Nothing holds the corpus in memory: files are read in pieces that end at line boundaries, twice
 (a check that counts each document's bytes, then tokenization), and shards are written as they go.
+Before tokenization the pieces are cut again where the tokenizer says a cut changes no ids
+(`Tokenizer.safe_cut`: after any newline for sentencepiece, after a newline between two
+non-whitespace characters for GPT-2's byte-level regex, nowhere else for other tokenizer.json
+files), so the shards hold exactly the ids of encoding each document whole.
 """
 from __future__ import annotations
 
@@ -31,9 +35,8 @@ from atlas_jax.config import DataConfig
 from atlas_jax.data.corpora import resolve_sources, sha256_file
 from atlas_jax.errors import DataError
 from atlas_jax.files import DirLock, writable_dir
-from atlas_jax.tokenizer import SPACE, Tokenizer, train_tokenizer
+from atlas_jax.tokenizer import SPACE, Tokenizer, tokenizer_file_name, train_tokenizer
 
-TOKENIZER_FILE = "tokenizer.model"
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 TRAIN, VAL = 0, 1
@@ -279,7 +282,13 @@ _WORKER: dict = {}
 
 def _init_worker(tokenizer_path: str, dtype: str) -> None:
     tok = Tokenizer.load(tokenizer_path)
-    _WORKER.update(sp=tok.sp, dtype=np.dtype(dtype), eos=np.array([tok.eos_id], dtype=dtype))
+    _WORKER.update(tok=tok, dtype=np.dtype(dtype), eos=np.array([tok.eos_id], dtype=dtype))
+
+
+def _encode(tok: Tokenizer, text: str, dtype: np.dtype) -> np.ndarray:
+    if tok.kind == "sentencepiece":
+        return _encode_lines(tok.sp, text, dtype)
+    return np.asarray(tok.encode(text), dtype=dtype)  # text ends at a safe cut (_exact_pieces)
 
 
 def _encode_lines(sp, text: str, dtype: np.dtype) -> np.ndarray:
@@ -295,7 +304,7 @@ def _encode_lines(sp, text: str, dtype: np.dtype) -> np.ndarray:
 
 def _tokenize_task(items: list[tuple[str | None, int]]):
     """-> per split: tokens (EOS included), UTF-8 bytes, segments, in the order of the items."""
-    sp, dtype, eos = _WORKER["sp"], _WORKER["dtype"], _WORKER["eos"]
+    tok, dtype, eos = _WORKER["tok"], _WORKER["dtype"], _WORKER["eos"]
     arrays: tuple[list, list] = ([], [])
     nbytes, segments = [0, 0], [0, 0]
     for text, split in items:
@@ -303,10 +312,34 @@ def _tokenize_task(items: list[tuple[str | None, int]]):
             arrays[split].append(eos)
             segments[split] += 1
         else:
-            arrays[split].append(_encode_lines(sp, text, dtype))
+            arrays[split].append(_encode(tok, text, dtype))
             nbytes[split] += len(text.encode("utf-8"))
     tokens = [np.concatenate(a) if a else np.zeros(0, dtype) for a in arrays]
     return tokens, nbytes, segments
+
+
+def _exact_pieces(items: Iterator[tuple[str | None, int]], tok: Tokenizer) -> Iterator[tuple[str | None, int]]:
+    """The items re-cut so that every text ends where `tok.safe_cut` allows: what follows a piece's
+    last safe cut is carried into the next piece of its segment; a segment's EOS (None) flushes it."""
+    carry: list[str] = []  # text after the last safe cut, in parts (joined once: no quadratic copies)
+    carry_split = TRAIN
+    for text, split in items:
+        if carry and (text is None or split != carry_split):
+            yield "".join(carry), carry_split
+            carry = []
+        if text is None:
+            yield None, split
+            continue
+        head = carry[-1][-2:] if carry else ""  # a cut may fall where the carry meets the new text
+        k = tok.safe_cut(head + text) - len(head)
+        if k > 0 or (k == 0 and head):
+            yield "".join(carry) + text[:k], split
+            carry = []
+        if k < len(text):
+            carry.append(text[max(k, 0):])
+        carry_split = split
+    if carry:
+        yield "".join(carry), carry_split
 
 
 def _tasks(items: Iterator[tuple[str | None, int]]) -> Iterator[list[tuple[str | None, int]]]:
@@ -375,7 +408,7 @@ def _write_shards(paths, cfg: DataConfig, doc_bytes, tok: Tokenizer, data_dir: P
     capacity = sum(int(b.sum()) + len(b) for b in doc_bytes)
     writers = [ShardWriter(data_dir / f"{name}.bin", dtype, capacity) for name in SPLITS]
     nbytes, segments = [0, 0], [0, 0]
-    items = _split_items(paths, cfg, doc_bytes)
+    items = _exact_pieces(_split_items(paths, cfg, doc_bytes), tok)
     for tokens, b, s in _tokenized(_tasks(items), tok.path, dtype, workers):
         for split in (TRAIN, VAL):
             writers[split].write(tokens[split])
@@ -440,18 +473,25 @@ def _check_tokenizer(tok: Tokenizer, vocab_size: int | None, trained_here: bool)
         hint = f" or delete {tok.path} to train a new one" if trained_here else ""
         raise DataError(f"{tok.path} has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
                         f"set model.vocab_size={tok.vocab_size}{hint}")
-    # Text is tokenized line by line (`_encode_lines`), which equals whole-document encoding only when
-    # no piece spans a newline: refuse a tokenizer with such a piece rather than write other ids.
-    sp = tok.sp
-    for i in range(tok.vocab_size):
-        piece = sp.id_to_piece(i)
-        if not sp.is_byte(i) and "\n" in piece[:-1]:  # a newline ending a piece stays inside its line
-            raise DataError(f"{tok.path}: piece {i} ({piece!r}) spans a newline, and Atlas tokenizes text line by "
-                            f"line, which would give other ids than encoding whole documents; use a tokenizer "
-                            f"without such pieces (`python -m atlas_jax.tokenizer train` makes one)")
+    if tok.eos_id < 0:
+        raise DataError(f"{tok.path}: the tokenizer has no EOS token, which ends every document in the shards; "
+                        f"import it with its model directory (tokenizer_config.json names eos_token)")
+    if tok.kind == "sentencepiece":
+        # Text is tokenized line by line (`_encode_lines`), which equals whole-document encoding only when
+        # no piece spans a newline: refuse a tokenizer with such a piece rather than write other ids.
+        sp = tok.sp
+        for i in range(tok.vocab_size):
+            piece = sp.id_to_piece(i)
+            if not sp.is_byte(i) and "\n" in piece[:-1]:  # a newline ending a piece stays inside its line
+                raise DataError(f"{tok.path}: piece {i} ({piece!r}) spans a newline, and Atlas tokenizes text line "
+                                f"by line, which would give other ids than encoding whole documents; use a tokenizer "
+                                f"without such pieces (`python -m atlas_jax.tokenizer train` makes one)")
     # Text is tokenized in pieces, which is exact only when encoding adds and removes nothing.
-    probe = " a  b\n\t"
-    if tok.decode(tok.encode(probe)) != probe or tok.sp.id_to_piece(tok.encode("a")[0]).startswith(SPACE):
+    probe = " a  b\n\tc\nd \u00e9\ufb01"
+    cut = tok.safe_cut(probe)
+    ids = tok.encode(probe)
+    if (tok.decode(ids) != probe or tok.piece(tok.encode("a")[0]).startswith((SPACE, "\u0120"))
+            or (cut and tok.encode(probe[:cut]) + tok.encode(probe[cut:]) != ids)):
         raise DataError(f"{tok.path}: this tokenizer adds a dummy prefix or normalizes whitespace, which "
                         f"would change the text; train one with `python -m atlas_jax.tokenizer train`")
 
@@ -469,7 +509,7 @@ def prepare(data_cfg: DataConfig, data_dir: str | Path, vocab_size: int | None =
     meta = read_meta(data_dir)
     sources = _fingerprints(paths, meta)
     own = data_cfg.tokenizer is None
-    tok_path = data_dir / TOKENIZER_FILE if own else Path(data_cfg.tokenizer)
+    tok_path = data_dir / tokenizer_file_name(data_cfg.tokenizer_type) if own else Path(data_cfg.tokenizer)
     tok = Tokenizer.load(tok_path) if (tok_path.exists() or not own) else None
     if tok is not None:
         _check_tokenizer(tok, vocab_size, own)

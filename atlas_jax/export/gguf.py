@@ -4,7 +4,8 @@
 
 The whole mapping from Atlas param paths to llama.cpp tensors is `TENSOR_TABLE`; the
 hyper-parameters llama.cpp reads are `HPARAM_TABLE`; the tokenizer is written for llama.cpp's SPM
-tokenizer (`tokenizer_metadata`). Names and keys come from gguf-py's constants.
+tokenizer (sentencepiece) or its BPE tokenizer with GPT-2's pre-tokenizer (a byte-level BPE
+tokenizer.json), `tokenizer_metadata`. Names and keys come from gguf-py's constants.
 
 Layout: a Flax kernel is [in, out]; GGUF (via gguf-py) takes row-major [out, in], so kernels are
 written transposed. Embeddings [V, D] are already [rows, cols]. gpt2's q|k|v are fused into one
@@ -247,17 +248,68 @@ def _encode(array: np.ndarray, qtype: QT) -> tuple[np.ndarray, QT | None]:
 
 def tokenizer_metadata(tokenizer_path: str | Path, vocab_size: int, add_bos: bool = False
                        ) -> dict[str, tuple[Any, VT, VT | None]]:
-    """tokenizer.ggml.* for llama.cpp's SPM tokenizer.
-
-    llama.cpp's SPM tokenizer merges pieces by score, which is how a sentencepiece BPE model
-    segments: for BPE it splits text exactly as sentencepiece does. For a unigram model (which
-    segments by the most probable path) it is not guaranteed to: an ExportWarning says so.
-    """
-    from sentencepiece import sentencepiece_model_pb2
-
+    """tokenizer.ggml.* for the tokenizer file: llama.cpp's SPM tokenizer for sentencepiece, its BPE
+    tokenizer with GPT-2's pre-tokenizer for a byte-level BPE tokenizer.json; other tokenizer.json
+    files (a sentencepiece-derived Llama/Mistral one, say) are one ExportError line."""
     from atlas_jax.tokenizer import Tokenizer
 
-    tok = Tokenizer.load(tokenizer_path)  # a clear DataError when missing or not sentencepiece
+    tok = Tokenizer.load(tokenizer_path)  # a clear DataError when missing or not a tokenizer
+    if tok.kind == "bytelevel":
+        return _gpt2_metadata(tok, vocab_size, add_bos)
+    if tok.kind != "sentencepiece":
+        raise ExportError(f"{tokenizer_path}: only sentencepiece models and byte-level BPE tokenizer.json files (GPT-2's "
+                          f"layout) export to GGUF; this tokenizer.json's model/pre-tokenizer is another kind "
+                          f"(a sentencepiece-derived one: import its tokenizer.model instead)")
+    return _sentencepiece_metadata(tok, tokenizer_path, vocab_size, add_bos)
+
+
+def _special_ids(tok) -> dict[str, tuple[Any, VT, VT | None]]:
+    meta = {}
+    for key, value in ((Keys.Tokenizer.BOS_ID, tok.bos_id), (Keys.Tokenizer.EOS_ID, tok.eos_id),
+                       (Keys.Tokenizer.UNK_ID, tok.unk_id), (Keys.Tokenizer.PAD_ID, tok.pad_id)):
+        if value >= 0:
+            meta[key] = (int(value), VT.UINT32, None)
+    return meta
+
+
+def _gpt2_metadata(tok, vocab_size: int, add_bos: bool) -> dict[str, tuple[Any, VT, VT | None]]:
+    """llama.cpp's BPE tokenizer ("gpt2") with the GPT-2 pre-tokenizer regex ("gpt-2"): tokens are the
+    byte-level strings, merges "left right" in rank order (as convert_hf_to_gguf.py writes them), added
+    special tokens control, other added tokens user-defined, model rows past the tokenizer unused."""
+    n = tok.vocab_size
+    if n > vocab_size:
+        raise ExportError(f"{tok.path}: the tokenizer has {n} tokens but the model's vocab_size is "
+                          f"{vocab_size}; export with the tokenizer the model was trained with")
+    added = {int(a["id"]): a for a in tok.spec.get("added_tokens") or []}
+    tokens, types = [], []
+    for i in range(n):
+        piece = tok.piece(i)
+        if not piece:
+            raise ExportError(f"{tok.path}: token id {i} is missing from the vocabulary; llama.cpp needs ids 0..{n - 1}")
+        tokens.append(piece)
+        types.append(int(TokenType.NORMAL if i not in added else
+                         TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok.spec["model"].get("merges", [])]
+    pad = vocab_size - n
+    meta: dict[str, tuple[Any, VT, VT | None]] = {
+        Keys.Tokenizer.MODEL: ("gpt2", VT.STRING, None),
+        Keys.Tokenizer.PRE: ("gpt-2", VT.STRING, None),
+        Keys.Tokenizer.LIST: (tokens + [f"[PAD{i}]" for i in range(n, vocab_size)], VT.ARRAY, VT.STRING),
+        Keys.Tokenizer.TOKEN_TYPE: (types + [int(TokenType.UNUSED)] * pad, VT.ARRAY, VT.INT32),
+        Keys.Tokenizer.MERGES: (merges, VT.ARRAY, VT.STRING),
+        Keys.Tokenizer.ADD_BOS: (bool(add_bos), VT.BOOL, None),
+        Keys.Tokenizer.ADD_EOS: (False, VT.BOOL, None),
+    }
+    return {**meta, **_special_ids(tok)}
+
+
+def _sentencepiece_metadata(tok, tokenizer_path: str | Path, vocab_size: int, add_bos: bool
+                            ) -> dict[str, tuple[Any, VT, VT | None]]:
+    """llama.cpp's SPM tokenizer merges pieces by score, which is how a sentencepiece BPE model
+    segments: for BPE it splits text exactly as sentencepiece does. For a unigram model (which
+    segments by the most probable path) it is not guaranteed to: an ExportWarning says so."""
+    from sentencepiece import sentencepiece_model_pb2
+
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(tokenizer_path).read_bytes())
     n = len(proto.pieces)
@@ -292,11 +344,7 @@ def tokenizer_metadata(tokenizer_path: str | Path, vocab_size: int, add_bos: boo
         Keys.Tokenizer.ADD_PREFIX: (bool(norm.add_dummy_prefix), VT.BOOL, None),
         Keys.Tokenizer.REMOVE_EXTRA_WS: (bool(norm.remove_extra_whitespaces), VT.BOOL, None),
     }
-    for key, value in ((Keys.Tokenizer.BOS_ID, tok.bos_id), (Keys.Tokenizer.EOS_ID, tok.eos_id),
-                       (Keys.Tokenizer.UNK_ID, tok.unk_id), (Keys.Tokenizer.PAD_ID, tok.pad_id)):
-        if value >= 0:
-            meta[key] = (int(value), VT.UINT32, None)
-    return meta
+    return {**meta, **_special_ids(tok)}
 
 
 def model_metadata(cfg: ModelConfig, ftype: str, name: str) -> dict[str, tuple[Any, VT, VT | None]]:

@@ -7,6 +7,14 @@ to <unk>, and decode(encode(s)) == s for every string except one that holds U+25
 piece alphabet's space), which comes back as ' ' (sentencepiece and llama.cpp alike).
 
     python -m atlas_jax.tokenizer train --input tinyshakespeare --vocab-size 2048 --out DIR
+    python -m atlas_jax.tokenizer train --kind bytelevel --input tinyshakespeare --vocab-size 2048 --out DIR
+
+Two backends behind one interface (`Tokenizer`): sentencepiece (`tokenizer.model`, here) and Hugging
+Face `tokenizers` (`tokenizer.json`, `hf.py`: byte-level BPE as GPT-2, imported Hugging Face files,
+export to transformers). `Tokenizer.load(path)` picks the backend by the file's content. Every
+backend has path, sha256, kind, vocab_size, unk_id/bos_id/eos_id/pad_id (-1 when absent), encode,
+encode_batch, decode (special ids decode to nothing), decode_batch, piece, is_special,
+token_byte_lengths and safe_cut.
 """
 from __future__ import annotations
 
@@ -22,11 +30,42 @@ import sentencepiece as spm
 from atlas_jax.errors import DataError
 
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
-MODEL_TYPES = ("bpe", "unigram")
+SENTENCEPIECE_TYPES = ("bpe", "unigram")
+MODEL_TYPES = (*SENTENCEPIECE_TYPES, "bytelevel")  # bytelevel: a GPT-2-style byte-level BPE (tokenizers)
+SENTENCEPIECE_FILE, HF_FILE = "tokenizer.model", "tokenizer.json"
+TOKENIZER_FILES = (SENTENCEPIECE_FILE, HF_FILE)
 MAX_SENTENCE_BYTES = 1 << 16  # longer lines are cut into pieces this long for training
 MAX_SENTENCES = 1_000_000  # sentencepiece samples this many lines (reservoir) from the stream
 MAX_TRAIN_BYTES = 1 << 30  # stop reading the corpus for training after this much text
 SPACE = "\u2581"  # '▁', sentencepiece's space
+
+
+def tokenizer_file_name(model_type: str) -> str:
+    """The file a tokenizer of this type is trained into: tokenizer.json for bytelevel, else tokenizer.model."""
+    return HF_FILE if model_type == "bytelevel" else SENTENCEPIECE_FILE
+
+
+def find_tokenizer(directory: str | Path) -> Path | None:
+    """directory's tokenizer file (one of TOKENIZER_FILES), None when it has none; both is a DataError."""
+    found = [Path(directory) / name for name in TOKENIZER_FILES if (Path(directory) / name).is_file()]
+    if len(found) > 1:
+        raise DataError(f"{directory}: holds both {' and '.join(TOKENIZER_FILES)}, so which tokenizer it uses is "
+                        f"ambiguous; delete the one it was not trained with")
+    return found[0] if found else None
+
+
+def import_hf_tokenizer(src_dir: str | Path, out_dir: str | Path) -> Path:
+    """out_dir's tokenizer file from a Hugging Face model directory (see `hf.import_hf_tokenizer`)."""
+    from atlas_jax.tokenizer.hf import import_hf_tokenizer as _import
+
+    return _import(src_dir, out_dir)
+
+
+def write_hf_tokenizer(tok: "Tokenizer", out_dir: str | Path, model_max_length: int | None = None) -> list[Path]:
+    """tokenizer.json + tokenizer_config.json + special_tokens_map.json for transformers (see `hf.write_hf_tokenizer`)."""
+    from atlas_jax.tokenizer.hf import write_hf_tokenizer as _write
+
+    return _write(tok, out_dir, model_max_length)
 
 
 def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
@@ -47,11 +86,16 @@ def _training_sentences(texts: Iterable[str], max_bytes: int) -> Iterator[str]:
 def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int, model_type: str = "bpe",
                     seed: int = 0, max_sentences: int = MAX_SENTENCES,
                     max_bytes: int = MAX_TRAIN_BYTES) -> "Tokenizer":
-    """Train on a stream of text; write out_dir/tokenizer.model and .vocab; same input+seed -> same bytes."""
+    """Train on a stream of text; write out_dir/tokenizer.model and .vocab (sentencepiece bpe/unigram) or
+    out_dir/tokenizer.json (bytelevel; `seed` and `max_sentences` do not apply); same input+seed -> same bytes."""
     if model_type not in MODEL_TYPES:
         raise DataError(f"tokenizer type '{model_type}' is not one of {', '.join(MODEL_TYPES)}")
     if vocab_size < 1:
         raise DataError(f"vocab size must be positive, got {vocab_size}")
+    if model_type == "bytelevel":
+        from atlas_jax.tokenizer.hf import train_bytelevel
+
+        return train_bytelevel(texts, out_dir, vocab_size, max_bytes=max_bytes)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -68,7 +112,7 @@ def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int, 
             minloglevel=2)
     except RuntimeError as e:
         raise _training_error(e, vocab_size) from None
-    path = out_dir / "tokenizer.model"
+    path = out_dir / SENTENCEPIECE_FILE
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(model.getvalue())
     tmp.replace(path)
@@ -94,7 +138,45 @@ def _training_error(e: RuntimeError, vocab_size: int) -> DataError:
 
 
 class Tokenizer:
+    """The interface every backend has; `Tokenizer.load(path)` returns the backend the file is for."""
+
+    kind: str  # "sentencepiece" | "bytelevel" | "tokenizers" (another tokenizer.json)
+    path: Path
+    sha256: str
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """A sentencepiece model or a Hugging Face tokenizer.json, told apart by content (JSON starts
+        with '{'; a .json name is read as JSON whatever it holds)."""
+        path = Path(path)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"{path}: tokenizer file not found; train one with "
+                            f"`python -m atlas_jax.tokenizer train` or set data.tokenizer=null") from None
+        except IsADirectoryError:
+            raise DataError(f"{path}: a directory, not a tokenizer file; name its tokenizer.model or "
+                            f"tokenizer.json") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+        if data.lstrip()[:1] == b"{" or path.suffix == ".json":
+            from atlas_jax.tokenizer.hf import HFTokenizer
+
+            return HFTokenizer.from_bytes(data, path)
+        return SentencePieceTokenizer.from_bytes(data, path)
+
+    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
+        return [self.decode(ids) for ids in batch]
+
+    def safe_cut(self, text: str) -> int:
+        """The largest k such that cutting text at k changes no ids, whatever text follows (0: none)."""
+        raise NotImplementedError
+
+
+class SentencePieceTokenizer(Tokenizer):
     """A loaded sentencepiece model; `sp` is the SentencePieceProcessor for anything not wrapped here."""
+
+    kind = "sentencepiece"
 
     def __init__(self, sp: spm.SentencePieceProcessor, path: Path, sha256: str):
         self.sp = sp
@@ -103,21 +185,13 @@ class Tokenizer:
         self._byte_lengths: np.ndarray | None = None
 
     @classmethod
-    def load(cls, path: str | Path) -> "Tokenizer":
-        path = Path(path)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise DataError(f"{path}: tokenizer file not found; train one with "
-                            f"`python -m atlas_jax.tokenizer train` or set data.tokenizer=null") from None
-        except OSError as e:
-            raise DataError(f"{path}: cannot read the tokenizer ({e.strerror})") from None
+    def from_bytes(cls, data: bytes, path: Path) -> "SentencePieceTokenizer":
         sp = spm.SentencePieceProcessor()
         try:
             sp.LoadFromSerializedProto(data)
         except RuntimeError:
             raise DataError(f"{path}: not a sentencepiece model (corrupt or a different format); "
-                            f"point data.tokenizer at a .model file or delete it to retrain") from None
+                            f"point data.tokenizer at a .model or tokenizer.json file or delete it to retrain") from None
         return cls(sp, path, hashlib.sha256(data).hexdigest())
 
     @property
@@ -150,8 +224,15 @@ class Tokenizer:
         """Control ids (bos/eos/pad) decode to nothing."""
         return self.sp.decode(np.asarray(ids, dtype=np.int64).tolist())
 
-    def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
-        return [self.decode(ids) for ids in batch]
+    def piece(self, i: int) -> str:
+        return self.sp.id_to_piece(int(i))
+
+    def is_special(self, i: int) -> bool:
+        return bool(self.sp.is_control(int(i)) or self.sp.is_unknown(int(i)))
+
+    def safe_cut(self, text: str) -> int:
+        """After the last '\n': exact because no piece spans a newline (data.prepare checks it)."""
+        return text.rfind("\n") + 1
 
     def token_byte_lengths(self) -> np.ndarray:
         """int32[vocab_size]: UTF-8 bytes each piece stands for in running text ('▁' is one space)."""
@@ -167,4 +248,4 @@ class Tokenizer:
         return self._byte_lengths
 
     def __repr__(self) -> str:
-        return f"Tokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"
+        return f"SentencePieceTokenizer({str(self.path)!r}, vocab_size={self.vocab_size}, sha256={self.sha256[:12]})"

@@ -1,4 +1,7 @@
-"""`python -m atlas_jax.tokenizer train --input CORPUS --vocab-size N --out DIR`: train a tokenizer.
+"""`python -m atlas_jax.tokenizer train --input CORPUS --vocab-size N --out DIR [--kind bpe|unigram|bytelevel]`.
+
+bpe and unigram are sentencepiece (DIR/tokenizer.model and .vocab); bytelevel is a GPT-2-style
+byte-level BPE (DIR/tokenizer.json, Hugging Face tokenizers). `--type` is the same option's old name.
 
 The entry point reads files the way data preparation does (corpus names, globs, .jsonl, UTF-8
 checks), so it sits above both the tokenizer and the data floor.
@@ -17,14 +20,15 @@ from atlas_jax.tokenizer import MODEL_TYPES, train_tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m atlas_jax.tokenizer", description="Train a sentencepiece tokenizer.")
+    p = argparse.ArgumentParser(prog="python -m atlas_jax.tokenizer", description="Train a tokenizer.")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train a sentencepiece model on text files")
+    t = sub.add_parser("train", help="train a sentencepiece or byte-level BPE tokenizer on text files")
     t.add_argument("--input", nargs="+", required=True,
                    help="corpus names (tinyshakespeare), .txt/.jsonl files, directories or globs")
     t.add_argument("--vocab-size", type=int, required=True)
-    t.add_argument("--out", required=True, help="directory for tokenizer.model and tokenizer.vocab")
-    t.add_argument("--type", choices=MODEL_TYPES, default="bpe")
+    t.add_argument("--out", required=True, help="directory for tokenizer.model and .vocab, or tokenizer.json")
+    t.add_argument("--kind", "--type", dest="kind", choices=MODEL_TYPES, default="bpe",
+                   help="bpe, unigram (sentencepiece) or bytelevel (byte-level BPE, tokenizer.json)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--text-field", default="text", help=".jsonl: the field holding the text")
     args = p.parse_args(argv)
@@ -36,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = resolve_sources(args.input, "--input")
     writable_dir(args.out, "--out")
     tok = train_tokenizer(iter_texts(paths, DataConfig(text_field=args.text_field)), args.out,
-                          args.vocab_size, args.type, args.seed)
-    print(f"wrote {tok.path} ({args.type}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}) "
+                          args.vocab_size, args.kind, args.seed)
+    print(f"wrote {tok.path} ({args.kind}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}) "
           f"in {time.perf_counter() - start:.1f}s")
     return 0
 
