@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
 MATMUL_IMPLS = ("auto", "rowmajor", "xla")
+MOE_IMPLS = ("auto", "grouped", "ragged", "dense")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZER_TYPES = ("bpe", "unigram", "bytelevel")  # sentencepiece bpe/unigram; GPT-2-style byte-level BPE
 TRACKERS = ("tensorboard", "mlflow", "none")
@@ -53,10 +54,26 @@ class ModelConfig:
     # auto (rowmajor on CPU without remat, xla elsewhere) | rowmajor (atlas_jax.kernels: weight
     # gradients that keep the output gradient row-major, fastest on CPU) | xla (plain dot_general)
     matmul: str = "auto"
+    # Mixture-of-experts FFN (llama only; atlas_jax/moe.py): 0 experts = dense. Layer i is MoE when
+    # i >= moe_first_layer and (i - moe_first_layer) % moe_every == 0: all layers (0, 1), every other
+    # (moe_every=2), from layer n on (moe_first_layer=n).
+    moe_experts: int = 0
+    moe_experts_per_token: int = 2
+    moe_first_layer: int = 0
+    moe_every: int = 1
+    moe_d_ff: int | None = None  # each expert's SwiGLU width; None -> d_ff
+    moe_aux_loss_coef: float = 0.01  # Switch load-balancing loss (1.0 when balanced), times this
+    moe_z_loss_coef: float = 0.0  # ST-MoE router z-loss, times this (0 = off)
+    # auto (grouped on CPU, ragged elsewhere) | grouped (block-grouped matmuls, fastest measured on
+    # CPU) | ragged (jax.lax.ragged_dot) | dense (every expert over every token)
+    moe_impl: str = "auto"
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe_experts > 0 and i >= self.moe_first_layer and (i - self.moe_first_layer) % self.moe_every == 0
 
 
 @dataclass
@@ -273,7 +290,8 @@ def resolve_model(m: ModelConfig) -> ModelConfig:
     else:  # SwiGLU keeps the MLP's parameter count near 2*4*d^2 with 3 matrices.
         d_ff = _round_up(8 * m.d_model / 3, max(m.ffn_multiple_of, 1))
     validate_model(m)
-    return dataclasses.replace(m, n_kv_heads=n_kv, d_ff=d_ff)
+    moe_d_ff = (m.moe_d_ff or d_ff) if m.moe_experts > 0 else m.moe_d_ff
+    return dataclasses.replace(m, n_kv_heads=n_kv, d_ff=d_ff, moe_d_ff=moe_d_ff)
 
 
 def resolve(cfg: Config) -> Config:
@@ -309,6 +327,7 @@ def validate_model(m: ModelConfig) -> None:
         "model.ffn_multiple_of": m.ffn_multiple_of, "model.n_kv_heads": m.n_kv_heads,
         "model.d_ff": m.d_ff, "model.rope_theta": m.rope_theta}, strict=True)
     _check_positive({"model.norm_eps": m.norm_eps}, strict=False)
+    validate_moe(m)
     if m.d_model % m.n_heads:
         raise ConfigError(
             f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
@@ -322,6 +341,30 @@ def validate_model(m: ModelConfig) -> None:
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     validate_precision(m)
+
+
+def validate_moe(m: ModelConfig) -> None:
+    _choice(m.moe_impl, MOE_IMPLS, "model.moe_impl")
+    _check_positive({"model.moe_experts": m.moe_experts, "model.moe_first_layer": m.moe_first_layer,
+                     "model.moe_aux_loss_coef": m.moe_aux_loss_coef,
+                     "model.moe_z_loss_coef": m.moe_z_loss_coef}, strict=False)
+    if m.moe_experts == 0:
+        return
+    _check_positive({"model.moe_experts_per_token": m.moe_experts_per_token, "model.moe_every": m.moe_every,
+                     "model.moe_d_ff": m.moe_d_ff}, strict=True)
+    if m.arch != "llama":
+        raise ConfigError(
+            f"model.moe_experts={m.moe_experts} with model.arch={m.arch}: mixture-of-experts is built for "
+            f"arch=llama only (SwiGLU experts, as Mixtral and llama.cpp's llama architecture); set model.arch=llama "
+            f"or model.moe_experts=0")
+    if m.moe_experts_per_token > m.moe_experts:
+        raise ConfigError(
+            f"model.moe_experts_per_token={m.moe_experts_per_token} is more than model.moe_experts={m.moe_experts}; "
+            f"pick 1..{m.moe_experts} experts per token")
+    if m.moe_first_layer >= m.n_layers:
+        raise ConfigError(
+            f"model.moe_first_layer={m.moe_first_layer} leaves no MoE layer in model.n_layers={m.n_layers}; "
+            f"use 0..{m.n_layers - 1}, or model.moe_experts=0 for a dense model")
 
 
 def validate_precision(m: ModelConfig) -> None:

@@ -11,6 +11,9 @@ Params are a plain pytree with readable paths, the same words the GGUF table use
     layers_{i}/mlp/w_gate/kernel         [D, F]                    llama only (SwiGLU)
     layers_{i}/mlp/w_up/{kernel,bias}    [D, F]
     layers_{i}/mlp/w_down/{kernel,bias}  [F, D]
+    layers_{i}/moe/router/kernel         [D, E]                    MoE layers (llama), instead of mlp/
+    layers_{i}/moe/w_{gate,up}           [E, D, Fe]                the experts' SwiGLU, stacked (Fe = moe_d_ff)
+    layers_{i}/moe/w_down                [E, Fe, D]
     final_norm/{scale,bias}              [D]
     lm_head/kernel                       [D, V]                    untied heads only
 
@@ -22,7 +25,13 @@ GQA grouping: query head h reads key/value head h // (H / KV) (llama.cpp and `re
 
 Implementation switches (same math, tested against each other and against torch): `model.attention`
 (`attention_impl`: the grouped einsums of atlas_jax.kernels, XLA's or cuDNN's kernel) and
-`model.matmul` (`matmul_impl`: the row-major weight gradient of atlas_jax.kernels, or plain XLA).
+`model.matmul` (`matmul_impl`: the row-major weight gradient of atlas_jax.kernels, or plain XLA)
+and `model.moe_impl` (`moe_impl`: how the experts are computed, atlas_jax.moe).
+
+Mixture-of-experts (`model.moe_experts` > 0, llama): the layers `cfg.is_moe_layer(i)` names replace
+their MLP with `MoE` (Mixtral routing, atlas_jax.moe). Each sows its load-balancing and router
+z-losses into the `moe_aux` collection; `loss_terms` averages them over the MoE layers and
+`loss_fn` adds them to the cross-entropy with model.moe_aux_loss_coef / model.moe_z_loss_coef.
 
 Two entry points, sharing params:
 - `model.apply(params, tokens_BxT)` -> logits_BxTxV (float32): training and evaluation.
@@ -44,6 +53,7 @@ import numpy as np
 from atlas_jax.config import ModelConfig
 from atlas_jax.kernels import (einsum_attention, from_grouped, grouped_attention, rowmajor_grad_dot_general,
                                to_grouped)
+from atlas_jax.moe import EXPERT_IMPLS, load_balance_loss, route, router_z_loss
 
 Array = jax.Array
 PyTree = Any
@@ -215,16 +225,52 @@ class MLP(nn.Module):
         return dense(c.d_model, "w_down", out_std)(h)
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+def moe_impl(cfg: ModelConfig) -> str:
+    """model.moe_impl=auto: the block-grouped matmuls on CPU (fastest measured there, scripts/moe_bench.py:
+    2-3x dense dispatch, which XLA:CPU's ragged_dot also is underneath), jax.lax.ragged_dot elsewhere."""
+    if cfg.moe_impl != "auto":
+        return cfg.moe_impl
+    return "grouped" if jax.default_backend() == "cpu" else "ragged"
+
+
+MOE_AUX = "moe_aux"  # the collection MoE layers sow their auxiliary losses into
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts SwiGLU FFN: router softmax over E experts, top k renormalised, sum_k w_k * expert_k(x)."""
 
     cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxTxD: Array) -> Array:
+        c = self.cfg
+        b, t, d = x_BxTxD.shape
+        e, f = c.moe_experts, c.moe_d_ff
+        pd, cd = dtype_of(c.param_dtype), dtype_of(c.compute_dtype)
+        x_NxD = x_BxTxD.reshape(b * t, d)
+        logits_NxE = make_dense(c, e, "router", 0.02, use_bias=False)(x_NxD)
+        weights_NxK, experts_NxK, probs_NxE = route(logits_NxE, c.moe_experts_per_token)
+        self.sow(MOE_AUX, "load_balance", load_balance_loss(probs_NxE, experts_NxK))
+        self.sow(MOE_AUX, "router_z", router_z_loss(logits_NxE))
+        out_std = 0.02 / math.sqrt(2 * c.n_layers)
+        w_gate = self.param("w_gate", _normal(0.02), (e, d, f), pd).astype(cd)
+        w_up = self.param("w_up", _normal(0.02), (e, d, f), pd).astype(cd)
+        w_down = self.param("w_down", _normal(out_std), (e, f, d), pd).astype(cd)
+        out_NxD = EXPERT_IMPLS[moe_impl(c)](x_NxD, weights_NxK, experts_NxK, w_gate, w_up, w_down)
+        return out_NxD.reshape(b, t, d)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)) (or moe(norm(x)))."""
+
+    cfg: ModelConfig
+    moe: bool = False
 
     def setup(self):
         self.attn_norm = make_norm(self.cfg, "attn_norm")
         self.attn = Attention(self.cfg, name="attn")
         self.mlp_norm = make_norm(self.cfg, "mlp_norm")
-        self.mlp = MLP(self.cfg, name="mlp")
+        self.mlp = MoE(self.cfg, name="moe") if self.moe else MLP(self.cfg, name="mlp")
         self.dropout = nn.Dropout(self.cfg.dropout)
 
     def __call__(self, x_BxTxD, positions_BxT, deterministic: bool = True,
@@ -259,7 +305,7 @@ class Transformer(nn.Module):
         if c.remat != "none":
             # Argument 0 is the module itself, so `deterministic` (3rd positional) is argnum 3.
             block = nn.remat(Block, policy=REMAT_POLICIES[c.remat], static_argnums=(3,))
-        self.layers = [block(c, name=f"layers_{i}") for i in range(c.n_layers)]
+        self.layers = [block(c, c.is_moe_layer(i), name=f"layers_{i}") for i in range(c.n_layers)]
         self.final_norm = make_norm(c, "final_norm")
         if not c.tie_embeddings:
             self.lm_head = make_dense(c, c.vocab_size, "lm_head", 0.02, use_bias=False)
@@ -344,32 +390,74 @@ def cross_entropy(logits_BxTxV: Array, targets_BxT: Array, weights_BxT: Array | 
     return jnp.sum(nll_BxT * weights_BxT), jnp.sum(weights_BxT)
 
 
+LOSS_TERMS = ("loss", "moe_load_balance", "moe_router_z")  # loss_terms' keys (the last two: MoE models)
+
+
+def loss_terms(params: PyTree, cfg: ModelConfig, tokens_BxT: Array, targets_BxT: Array,
+               dropout_key: Array | None = None) -> dict[str, Array]:
+    """{"loss": mean next-token cross-entropy in nats} and, for MoE models, the unweighted auxiliary
+    losses averaged over the MoE layers: "moe_load_balance" (1.0 when balanced) and "moe_router_z"."""
+    rngs = {"dropout": dropout_key} if dropout_key is not None else None
+    model = Transformer(cfg)
+    if cfg.moe_experts == 0:
+        logits = model.apply({"params": params}, tokens_BxT, dropout_key is None, rngs=rngs)
+        total, count = cross_entropy(logits, targets_BxT)
+        return {"loss": total / count}
+    logits, sown = model.apply({"params": params}, tokens_BxT, dropout_key is None, rngs=rngs, mutable=[MOE_AUX])
+    total, count = cross_entropy(logits, targets_BxT)
+    terms = {"loss": total / count}
+    for name, key in zip(LOSS_TERMS[1:], ("load_balance", "router_z")):
+        values = [v for path, v in jax.tree_util.tree_flatten_with_path(sown[MOE_AUX])[0]
+                  if any(getattr(p, "key", None) == key for p in path)]
+        terms[name] = jnp.mean(jnp.stack(values))
+    return terms
+
+
+def objective(terms: dict[str, Array], cfg: ModelConfig) -> Array:
+    """What training minimises: the cross-entropy plus the MoE auxiliary losses times their coefficients."""
+    if cfg.moe_experts == 0:
+        return terms["loss"]
+    return terms["loss"] + cfg.moe_aux_loss_coef * terms["moe_load_balance"] + cfg.moe_z_loss_coef * terms["moe_router_z"]
+
+
 def loss_fn(params: PyTree, cfg: ModelConfig, tokens_BxT: Array, targets_BxT: Array,
             dropout_key: Array | None = None) -> Array:
-    """Mean next-token cross-entropy in nats."""
-    rngs = {"dropout": dropout_key} if dropout_key is not None else None
-    logits = Transformer(cfg).apply({"params": params}, tokens_BxT, dropout_key is None, rngs=rngs)
-    total, count = cross_entropy(logits, targets_BxT)
-    return total / count
+    """The training objective: mean next-token cross-entropy in nats (+ the MoE auxiliary losses)."""
+    return objective(loss_terms(params, cfg, tokens_BxT, targets_BxT, dropout_key), cfg)
+
+
+EXPERT_LEAVES = ("w_gate", "w_up", "w_down")  # the stacked [E, ...] expert tensors of a MoE layer
 
 
 def count_params(params: PyTree, cfg: ModelConfig | None = None) -> dict[str, int]:
-    """Total parameters, and non-embedding ones (token and position tables excluded, as in GPT-2/Kaplan)."""
+    """Total parameters, non-embedding ones (token and position tables excluded, as in GPT-2/Kaplan),
+    and active ones (what one token computes with: a MoE layer's k of E experts, the router, the rest;
+    equal to total for a dense model) and active non-embedding ones."""
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     total = sum(int(np.prod(x.shape)) for _, x in flat)
     emb = sum(int(np.prod(x.shape)) for path, x in flat
               if jax.tree_util.keystr(path).startswith(("['embed']", "['pos_embed']")))
-    return {"total": total, "non_embedding": total - emb}
+    inactive = 0
+    for path, x in flat:
+        keys = [getattr(p, "key", None) for p in path]
+        if len(keys) >= 2 and keys[-2] == "moe" and keys[-1] in EXPERT_LEAVES:
+            e = x.shape[0]
+            k = cfg.moe_experts_per_token if cfg is not None else e
+            inactive += int(np.prod(x.shape)) // e * (e - k)
+    return {"total": total, "non_embedding": total - emb, "active": total - inactive,
+            "active_non_embedding": total - emb - inactive}
 
 
 def count_params_from_config(cfg: ModelConfig) -> dict[str, int]:
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
-    return count_params(shapes)
+    return count_params(shapes, cfg)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward), the PaLM/nanoGPT convention used for MFU:
     6 * (non-embedding params + the output projection D*V) + 12 * n_layers * d_model * seq_len.
-    An untied head (lm_head) is already among the non-embedding params; a tied one is added."""
-    n = count_params_from_config(cfg)["non_embedding"] + (cfg.d_model * cfg.vocab_size if cfg.tie_embeddings else 0)
+    An untied head (lm_head) is already among the non-embedding params; a tied one is added. A MoE
+    layer counts the k experts a token runs and its router, not all E (`active_non_embedding`), so
+    MFU counts the work done; the grouped/dense implementations' padding or extra experts are not work."""
+    n = count_params_from_config(cfg)["active_non_embedding"] + (cfg.d_model * cfg.vocab_size if cfg.tie_embeddings else 0)
     return 6.0 * n + 12.0 * cfg.n_layers * cfg.d_model * seq_len

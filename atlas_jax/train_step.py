@@ -8,6 +8,10 @@ rows m, m+M, m+2M, ... of the global batch, so every device holds a slice of eve
 the result depends only on the global batch, never on the device count. A step whose loss or
 gradient is not finite leaves params and Adam's moments unchanged and counts in `bad_steps`; the
 LR schedule still advances, so it ends at min_lr at step train.steps whatever was skipped.
+
+The gradient is that of `model.objective`: the cross-entropy plus, for a MoE model, the auxiliary
+losses times model.moe_aux_loss_coef / moe_z_loss_coef. metrics["loss"] is the cross-entropy alone
+(comparable with val loss); a MoE model's metrics add "moe_load_balance" and "moe_router_z", unweighted.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atlas_jax.config import Config
-from atlas_jax.model import Transformer, cross_entropy, init_params, loss_fn
+from atlas_jax.model import LOSS_TERMS, Transformer, cross_entropy, init_params, loss_terms, objective
 from atlas_jax.optim import lr_schedule, make_optimizer
 from atlas_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
 
@@ -72,35 +76,44 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree) -> Callable:
     schedule = lr_schedule(t_cfg)
     n_micro = t_cfg.microbatches
     use_dropout = m_cfg.dropout > 0
-    grad_fn = jax.value_and_grad(loss_fn)
+    def objective_and_terms(params, inputs, targets, key):
+        terms = loss_terms(params, m_cfg, inputs, targets, key)
+        return objective(terms, m_cfg), terms
+
+    grad_fn = jax.value_and_grad(objective_and_terms, has_aux=True)
 
     def micro_grad(params, inputs, targets, key):
-        return grad_fn(params, m_cfg, inputs, targets, key if use_dropout else None)
+        """((objective, terms), grads) of one microbatch."""
+        return grad_fn(params, inputs, targets, key if use_dropout else None)
 
     def step(state, batch):
         params = state["params"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if n_micro == 1:
-            loss, grads = micro_grad(params, batch["inputs"], batch["targets"], key)
+            (total, terms), grads = micro_grad(params, batch["inputs"], batch["targets"], key)
         else:
             micro = split_microbatches(batch, n_micro, mesh)
 
             def body(carry, xs):
-                loss_sum, grad_sum = carry
+                sums, grad_sum = carry
                 i, mb = xs
-                loss_i, grads_i = micro_grad(params, mb["inputs"], mb["targets"], jax.random.fold_in(key, i))
-                return (loss_sum + loss_i, jax.tree_util.tree_map(jnp.add, grad_sum, grads_i)), None
+                (total_i, terms_i), grads_i = micro_grad(params, mb["inputs"], mb["targets"],
+                                                         jax.random.fold_in(key, i))
+                sums = jax.tree_util.tree_map(jnp.add, sums, (total_i, terms_i))
+                return (sums, jax.tree_util.tree_map(jnp.add, grad_sum, grads_i)), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+            zero = jnp.zeros((), jnp.float32)
+            zero_terms = (zero, {name: zero for name in LOSS_TERMS[: 3 if m_cfg.moe_experts else 1]})
             # Two microbatches per loop iteration let XLA overlap one's backward with the next one's
             # forward: on 2 CPU cores the shakespeare step went 465-528 -> 431-454 ms (4 and 8 per
             # iteration were slower again: bigger temporaries); neutral at seq 1024.
-            (loss_sum, grad_sum), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros),
-                                                   (jnp.arange(n_micro), micro), unroll=min(2, n_micro))
-            loss = loss_sum / n_micro
+            (sums, grad_sum), _ = jax.lax.scan(body, (zero_terms, zeros),
+                                               (jnp.arange(n_micro), micro), unroll=min(2, n_micro))
+            total, terms = jax.tree_util.tree_map(lambda x: x / n_micro, sums)
             grads = jax.tree_util.tree_map(lambda g: g / n_micro, grad_sum)
         grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        ok = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
         # An update may overflow finite params too (checked leaf by leaf: a norm of huge finite values
@@ -117,7 +130,7 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree) -> Callable:
             "rng": state["rng"],
             "bad_steps": jnp.where(ok, 0, state["bad_steps"] + 1),
         }
-        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(applied),
+        metrics = {**terms, "grad_norm": grad_norm, "lr": schedule(applied),
                    "skipped": (~ok).astype(jnp.int32), "bad_steps": new_state["bad_steps"]}
         return new_state, metrics
 

@@ -5,6 +5,12 @@ matmul + causal mask + softmax, RoPE rotates adjacent pairs with strided slices,
 key/value head over its group of query heads. It shares only hyper-parameter VALUES with the Flax
 model, through its own `RefConfig`. Float32, no KV cache, no dropout.
 
+Mixture-of-experts (llama, `moe_experts` > 0) is written as Hugging Face's Mixtral block is: a
+softmax over all experts, torch.topk, the k weights renormalised, then a loop over experts, each
+running its SwiGLU on the tokens that picked it and adding the weighted result in place. Its
+auxiliary losses (Switch load balancing, 1.0 when balanced; ST-MoE router z-loss) are averaged
+over the MoE layers and added to `loss` with their coefficients.
+
 Module names follow the Flax param paths (`layers.3.attn.wq` <-> `layers_3/attn/wq`), so the
 loader in `atlas_torch_ref.load` is a renaming plus a transpose of the Linear weights.
 """
@@ -33,10 +39,21 @@ class RefConfig:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     tie_embeddings: bool = True
+    moe_experts: int = 0  # 0: every layer has a dense MLP
+    moe_experts_per_token: int = 2
+    moe_first_layer: int = 0
+    moe_every: int = 1
+    moe_d_ff: int | None = None  # None -> d_ff
+    moe_aux_loss_coef: float = 0.0
+    moe_z_loss_coef: float = 0.0
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    def is_moe_layer(self, i: int) -> bool:
+        """Layers moe_first_layer, moe_first_layer + moe_every, ... are MoE."""
+        return self.moe_experts > 0 and i >= self.moe_first_layer and (i - self.moe_first_layer) % self.moe_every == 0
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "RefConfig":
@@ -125,19 +142,60 @@ class MLP(nn.Module):
         return self.w_down(F.gelu(self.w_up(x_BxTxD), approximate="tanh"))
 
 
-class Block(nn.Module):
-    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x))."""
+class MoE(nn.Module):
+    """Top-k of E SwiGLU experts, Mixtral's routing. Expert weights are stacked [E, in, out]."""
 
     def __init__(self, cfg: RefConfig):
+        super().__init__()
+        e, d, f = cfg.moe_experts, cfg.d_model, cfg.moe_d_ff or cfg.d_ff
+        self.k = cfg.moe_experts_per_token
+        self.router = nn.Linear(d, e, bias=False)
+        self.w_gate = nn.Parameter(torch.empty(e, d, f))
+        self.w_up = nn.Parameter(torch.empty(e, d, f))
+        self.w_down = nn.Parameter(torch.empty(e, f, d))
+        for w in (self.w_gate, self.w_up, self.w_down):
+            nn.init.normal_(w, std=0.02)
+        self.aux: dict[str, torch.Tensor] = {}  # the last forward's auxiliary losses
+
+    def forward(self, x_BxTxD: torch.Tensor) -> torch.Tensor:
+        b, t, d = x_BxTxD.shape
+        x_NxD = x_BxTxD.reshape(b * t, d)
+        logits_NxE = self.router(x_NxD)
+        probs_NxE = torch.softmax(logits_NxE, dim=-1)
+        top_NxK, experts_NxK = torch.topk(probs_NxE, self.k, dim=-1)
+        weights_NxK = top_NxK / top_NxK.sum(dim=-1, keepdim=True)
+        out_NxD = torch.zeros_like(x_NxD)
+        for e in range(self.w_gate.shape[0]):
+            token, slot = torch.where(experts_NxK == e)
+            if token.numel() == 0:
+                continue
+            xe = x_NxD[token]
+            ye = (F.silu(xe @ self.w_gate[e]) * (xe @ self.w_up[e])) @ self.w_down[e]
+            out_NxD.index_add_(0, token, ye * weights_NxK[token, slot, None])
+        n_experts = probs_NxE.shape[-1]
+        fraction_E = torch.bincount(experts_NxK.reshape(-1), minlength=n_experts).float() / experts_NxK.numel()
+        self.aux = {"load_balance": n_experts * (fraction_E * probs_NxE.mean(dim=0)).sum(),
+                    "router_z": torch.logsumexp(logits_NxE, dim=-1).pow(2).mean()}
+        return out_NxD.reshape(b, t, d)
+
+
+class Block(nn.Module):
+    """Pre-norm: x + attn(norm(x)), then x + mlp(norm(x)) (or moe(norm(x)))."""
+
+    def __init__(self, cfg: RefConfig, moe: bool = False):
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = Attention(cfg)
         self.mlp_norm = make_norm(cfg)
-        self.mlp = MLP(cfg)
+        if moe:
+            self.moe = MoE(cfg)
+        else:
+            self.mlp = MLP(cfg)
 
     def forward(self, x_BxTxD: torch.Tensor) -> torch.Tensor:
         x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD))
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+        ffn = self.moe if hasattr(self, "moe") else self.mlp
+        return x_BxTxD + ffn(self.mlp_norm(x_BxTxD))
 
 
 class Transformer(nn.Module):
@@ -147,11 +205,13 @@ class Transformer(nn.Module):
             raise ValueError(f"arch {cfg.arch!r}: expected llama or gpt2")
         if cfg.arch == "gpt2" and cfg.n_kv_heads != cfg.n_heads:
             raise ValueError("gpt2 has no grouped attention: n_kv_heads must equal n_heads")
+        if cfg.moe_experts and cfg.arch != "llama":
+            raise ValueError("mixture-of-experts has SwiGLU experts: llama only")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.arch == "gpt2":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
@@ -170,6 +230,13 @@ class Transformer(nn.Module):
         return x @ self.embed.weight.T if self.cfg.tie_embeddings else self.lm_head(x)
 
     def loss(self, tokens_BxT: torch.Tensor, targets_BxT: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy in nats over all B*T targets."""
+        """Mean next-token cross-entropy in nats over all B*T targets, plus for MoE the auxiliary
+        losses (averaged over the MoE layers) times their coefficients."""
         logits = self.forward(tokens_BxT)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets_BxT.reshape(-1))
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets_BxT.reshape(-1))
+        moes = [layer.moe for layer in self.layers if hasattr(layer, "moe")]
+        if not moes:
+            return ce
+        load_balance = torch.stack([m.aux["load_balance"] for m in moes]).mean()
+        router_z = torch.stack([m.aux["router_z"] for m in moes]).mean()
+        return ce + self.cfg.moe_aux_loss_coef * load_balance + self.cfg.moe_z_loss_coef * router_z

@@ -145,6 +145,8 @@ def parity_params(cfg: ModelConfig, seed: int = 0) -> dict:
         leaf = path[-1]
         if leaf == "scale":
             return rng.uniform(0.5, 1.5, shape)
+        if leaf in ("w_gate", "w_up", "w_down"):  # stacked MoE experts [E, in, out]
+            return rng.normal(0.0, 1 / math.sqrt(shape[1]), shape)
         std = {"kernel": 1 / math.sqrt(shape[0]), "embedding": 2 / math.sqrt(cfg.d_model), "bias": 0.2}[leaf]
         return rng.normal(0.0, std, shape)
 

@@ -145,6 +145,17 @@ BAD_OVERRIDES = {  # id: (overrides, words the one-line message must contain)
     "cudnn-f32": (["model.attention=cudnn"], ["model.attention=cudnn", "bfloat16", "compute_dtype"]),
     "rowmajor-with-remat": (["model.matmul=rowmajor", "model.remat=dots"], ["model.matmul=rowmajor", "remat"]),
     "bad-tracker": (["train.tracking=wandb"], ["train.tracking", "mlflow"]),
+    "moe-k-over-experts": (["model.moe_experts=4", "model.moe_experts_per_token=5"],
+                           ["model.moe_experts_per_token=5", "more than model.moe_experts=4", "pick 1..4"]),
+    "moe-k-zero": (["model.moe_experts=4", "model.moe_experts_per_token=0"], ["model.moe_experts_per_token", "positive"]),
+    "moe-negative-experts": (["model.moe_experts=-1"], ["model.moe_experts", ">= 0"]),
+    "moe-on-gpt2": (["model.arch=gpt2", "model.moe_experts=4"], ["model.moe_experts=4", "arch=llama only",
+                                                                  "model.moe_experts=0"]),
+    "moe-first-layer-past-the-end": (["model.moe_experts=4", "model.moe_first_layer=2"],
+                                     ["model.moe_first_layer=2", "model.n_layers=2", "use 0..1"]),
+    "moe-every-zero": (["model.moe_experts=4", "model.moe_every=0"], ["model.moe_every", "positive"]),
+    "moe-negative-aux": (["model.moe_aux_loss_coef=-0.1"], ["model.moe_aux_loss_coef", ">= 0"]),
+    "moe-bad-impl": (["model.moe_impl=sparse"], ["model.moe_impl", "grouped, ragged, dense"]),
 }
 
 

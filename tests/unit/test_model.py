@@ -3,6 +3,7 @@ matmul) and the CPU kernels of atlas_jax.kernels against their plain counterpart
 FLOP counts, and left-padded batched decoding. (Agreement with the PyTorch reference is in tests/parity.)"""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -239,7 +240,9 @@ def gpt2_small() -> ModelConfig:
 def test_gpt2_small_has_124439808_parameters():
     counts = M.count_params_from_config(gpt2_small())
     # GPT-2 small; non-embedding excludes the 50257x768 token and 1024x768 position tables.
-    assert counts == {"total": 124_439_808, "non_embedding": 124_439_808 - 50257 * 768 - 1024 * 768}
+    non_embedding = 124_439_808 - 50257 * 768 - 1024 * 768
+    assert counts == {"total": 124_439_808, "non_embedding": non_embedding, "active": 124_439_808,
+                      "active_non_embedding": non_embedding}
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -249,7 +252,8 @@ def test_llama_parameter_count_matches_closed_form(n_kv_heads, tied):
     dh, f = cfg.head_dim, cfg.d_ff
     per_layer = 2 * D + D * H * dh + 2 * D * n_kv_heads * dh + H * dh * D + 3 * D * f
     total = V * D * (1 if tied else 2) + cfg.n_layers * per_layer + D
-    assert M.count_params_from_config(cfg) == {"total": total, "non_embedding": total - V * D}
+    assert M.count_params_from_config(cfg) == {"total": total, "non_embedding": total - V * D, "active": total,
+                                               "active_non_embedding": total - V * D}
     assert M.count_params(M.init_params(cfg, jax.random.key(0)))["total"] == total
 
 
@@ -305,3 +309,43 @@ def test_left_padded_batched_decode_gives_each_row_its_unpadded_logits(arch, att
         err = np.abs(got - alone).max(axis=-1)
         assert err.max() <= 1e-4, (f"row {r} (prompt {n}): logits differ from the unpadded row by "
                                    f"{err.max():.3g} at position {int(err.argmax())} (scale {np.abs(alone).max():.3g})")
+
+
+# --------------------------------------------------------------------------- mixture of experts
+
+
+@pytest.mark.parametrize("every, first, moe_layers", [(1, 0, [0, 1, 2]), (2, 1, [1]), (1, 2, [2])])
+def test_moe_layers_params_and_active_count_match_closed_form(every, first, moe_layers):
+    e, k, fe = 4, 2, 48
+    cfg = tiny(n_layers=3, moe_experts=e, moe_experts_per_token=k, moe_every=every, moe_first_layer=first, moe_d_ff=fe)
+    shapes = shapes_by_path(jax.eval_shape(lambda: M.init_params(cfg, jax.random.key(0))))
+    for i in range(3):
+        if i in moe_layers:
+            assert shapes[f"layers_{i}/moe/router/kernel"] == (D, e)
+            assert shapes[f"layers_{i}/moe/w_gate"] == shapes[f"layers_{i}/moe/w_up"] == (e, D, fe)
+            assert shapes[f"layers_{i}/moe/w_down"] == (e, fe, D)
+            assert not any(p.startswith(f"layers_{i}/mlp/") for p in shapes)
+        else:
+            assert shapes[f"layers_{i}/mlp/w_gate/kernel"] == (D, cfg.d_ff)
+            assert not any(p.startswith(f"layers_{i}/moe/") for p in shapes)
+    dense = M.count_params_from_config(tiny(n_layers=3))["total"]
+    n_moe = len(moe_layers)
+    total = dense + n_moe * (D * e + 3 * e * D * fe - 3 * D * cfg.d_ff)
+    active = total - n_moe * 3 * (e - k) * D * fe
+    assert M.count_params_from_config(cfg) == {"total": total, "non_embedding": total - V * D, "active": active,
+                                               "active_non_embedding": active - V * D}
+    # MFU counts what a token computes: its k experts and the router, never the other E - k.
+    assert M.flops_per_token(cfg, MAX_T) == 6 * active + 12 * 3 * D * MAX_T
+
+
+def test_moe_auto_impl_is_grouped_on_cpu_and_remat_keeps_the_aux_losses():
+    cfg = tiny(moe_experts=4, moe_experts_per_token=2)
+    assert M.moe_impl(cfg) == ("grouped" if jax.default_backend() == "cpu" else "ragged")
+    params = o1_params(cfg)
+    x = np.random.default_rng(0).integers(0, V, (2, MAX_T)).astype(np.int32)
+    plain = M.loss_terms(params, cfg, x, x)
+    assert set(plain) == {"loss", "moe_load_balance", "moe_router_z"}
+    for policy in ("full", "dots"):
+        remat = M.loss_terms(params, resolve_model(dataclasses.replace(cfg, remat=policy)), x, x)
+        for key, value in plain.items():
+            assert abs(float(remat[key]) - float(value)) <= 1e-6, (policy, key, float(remat[key]), float(value))
