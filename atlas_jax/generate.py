@@ -107,7 +107,7 @@ class Session:
         self.params = jax.device_put(params)
         self.model_cfg = cfg.model
         self.tokenizer = Tokenizer.load(tokenizer_path)
-        if self.tokenizer.vocab_size != cfg.model.vocab_size:
+        if self.tokenizer.vocab_size > cfg.model.vocab_size:  # fewer: a padded embedding (rows never emitted)
             raise AtlasError(f"{tokenizer_path} has {self.tokenizer.vocab_size} pieces but the checkpoint's "
                              f"model.vocab_size={cfg.model.vocab_size}; put the run's own tokenizer file (tokenizer.model or tokenizer.json) beside it")
         flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,

@@ -82,7 +82,7 @@ def prepare_run(cfg: Config, run_dir: Path):
     from jax.experimental import multihost_utils
 
     data_dir = run_data_dir(cfg.data, run_dir)
-    tok_src = Path(cfg.data.tokenizer) if cfg.data.tokenizer else data_dir / "tokenizer.model"
+    tok_src = Path(cfg.data.tokenizer or data_dir / ("tokenizer.json" if cfg.data.tokenizer_type == "bytelevel" else "tokenizer.model"))
     meta = None
     if _is_main():
         # "up to date" is not news: a fresh data dir logs nothing, so an error that follows stays one line.
@@ -101,8 +101,19 @@ def record_run(cfg: Config, run_dir: Path, tok_src: Path) -> None:
     if not _is_main():
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not (run_dir / "tokenizer.model").is_file() or (run_dir / "tokenizer.model").read_bytes() != tok_src.read_bytes():
-        shutil.copyfile(tok_src, run_dir / "tokenizer.model")
+    from atlas_jax.tokenizer import TOKENIZER_FILES, Tokenizer
+
+    # The copy keeps its native name (tokenizer.model or tokenizer.json: the content decides, not the
+    # source's name); a copy under the other name is removed, so the run holds exactly one.
+    name = TOKENIZER_FILES[Tokenizer.load(tok_src).kind != "sentencepiece"]
+    own = run_dir / name
+    if not own.is_file() or own.read_bytes() != tok_src.read_bytes():
+        tmp = own.with_name(own.name + ".tmp")
+        shutil.copyfile(tok_src, tmp)
+        tmp.replace(own)
+    for other in TOKENIZER_FILES:
+        if other != name:
+            (run_dir / other).unlink(missing_ok=True)
     save_config(cfg, run_dir / "config.yaml")
 
 
@@ -427,7 +438,7 @@ def _samples(result: RunResult, cfg: Config, n: int = 2) -> list[str]:
     params = multihost_utils.process_allgather(result.state["params"], tiled=True)  # collective
     if not _is_main():
         return []
-    tok = Tokenizer.load(result.run_dir / "tokenizer.model")
+    tok = Tokenizer.load(ckpt.tokenizer_path(result.run_dir, cfg))
     prompt = tok.encode("\n")
     new_tokens = min(cfg.sample.max_new_tokens, cfg.model.max_seq_len - len(prompt))
     sample_cfg = dataclasses.replace(cfg.sample, max_new_tokens=new_tokens)

@@ -469,7 +469,8 @@ def _is_fresh(meta: dict, sources: list[dict], cfg: DataConfig, data_dir: Path) 
 
 
 def _check_tokenizer(tok: Tokenizer, vocab_size: int | None, trained_here: bool) -> None:
-    if vocab_size is not None and tok.vocab_size != vocab_size:
+    # A tokenizer given by data.tokenizer (an imported model's) may be smaller than a padded embedding.
+    if vocab_size is not None and (tok.vocab_size != vocab_size if trained_here else tok.vocab_size > vocab_size):
         hint = f" or delete {tok.path} to train a new one" if trained_here else ""
         raise DataError(f"{tok.path} has {tok.vocab_size} pieces but model.vocab_size={vocab_size}; "
                         f"set model.vocab_size={tok.vocab_size}{hint}")

@@ -64,7 +64,8 @@ def _rope_theta(hf: dict, where: str) -> float:
     """rope_theta from transformers 4 (`rope_theta`, `rope_scaling`) or 5 (`rope_parameters`) configs."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type")) or scaling.get("rope_type", scaling.get("type")) or "default"
+    kinds = [d.get("rope_type", d.get("type")) or "default" for d in (params, scaling)]
+    kind = next((k for k in kinds if k != "default"), "default")
     if kind != "default":
         raise HFError(f"{where}: rope scaling '{kind}' is not supported (Atlas computes plain RoPE); "
                       f"supported: {', '.join(SUPPORTED)} without rope_scaling")

@@ -195,7 +195,7 @@ def write_safetensors(tensors: list[tuple[str, Callable[[], np.ndarray]]], out_d
             for name, shape, nbytes in shard:
                 arr = cast(make_of[name]())
                 assert arr.shape == tuple(shape) and arr.nbytes == nbytes, name
-                f.write(memoryview(arr).cast("B"))
+                f.write(arr.reshape(-1).view(np.uint8))  # bf16/f16 have no buffer format: bytes
                 weight_map[name] = final.name
         tmp.replace(final)
         files.append(final)
