@@ -326,4 +326,40 @@ def test_init_from_refuses_another_architecture_or_tokenizer(models, tmp_path):
     _one_line_error(r, f"data.tokenizer={other}", "leave data.tokenizer out")
     r = _train(f"train.run_dir={tmp_path / 'c'}", f"train.init_from=run:{tmp_path / 'nothing'}")
     _one_line_error(r, "no such run directory")
+    # a data dir prepared with another tokenizer (Atlas's own sentencepiece) is not re-made silently
+    data = tmp_path / "spm-data"
+    r = subprocess.run([sys.executable, "-m", "atlas_jax.data", "prepare", "--input", "tinyshakespeare", "--out", str(data),
+                        "--vocab-size", "512"],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
+    r = _train(f"train.run_dir={tmp_path / 'd'}", f"train.init_from=run:{imported}", f"data.data_dir={data}")
+    _one_line_error(r, "made with another tokenizer")
+    assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()} == before
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.bin"))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_an_atlas_run_exports_to_transformers(arch, tmp_path):
+    """An Atlas run (its own sentencepiece tokenizer) -> Hugging Face: transformers' logits and ids are Atlas's."""
+    from atlas_jax.checkpoint import load_for_inference
+    from atlas_jax.export.quality import atlas_logits
+    from atlas_jax.tokenizer import Tokenizer
+
+    run = tmp_path / "run"
+    r = _train(f"train.run_dir={run}", f"model.arch={arch}", "model.vocab_size=512", "model.d_model=64",
+               "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64", "train.steps=2",
+               "train.checkpoint_interval=2", "model.tie_embeddings=false")
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "hf"
+    r = _atlas_cli("export", str(run), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    params, cfg, tok_path = load_for_inference(run)
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    tokens = np.random.default_rng(1).integers(0, 512, (2, 17))
+    assert np.abs(_hf_logits(back, tokens) - atlas_logits(params, cfg.model, tokens)).max() <= TOL
+    tok, hf_tok = Tokenizer.load(tok_path), transformers.AutoTokenizer.from_pretrained(out)
+    for text in ("ROMEO:\nWhat,  ho!", "  two leading spaces\tand a tab\n\n\n", "digits 12345 and 3.14"):
+        assert hf_tok(text)["input_ids"] == tok.encode(text), text
+        assert hf_tok.decode(hf_tok(text)["input_ids"]) == text
+    assert len(tok.encode("ROMEO:")) == len(hf_tok("ROMEO:")["input_ids"])
