@@ -10,7 +10,11 @@ tokenizer.json), `tokenizer_metadata`. Names and keys come from gguf-py's consta
 Layout: a Flax kernel is [in, out]; GGUF (via gguf-py) takes row-major [out, in], so kernels are
 written transposed. Embeddings [V, D] are already [rows, cols]. gpt2's q|k|v are fused into one
 attn_qkv (rows q, then k, then v), as llama.cpp's gpt2 graph expects. RoPE needs no Q/K permutation:
-Atlas rotates adjacent pairs, which is llama.cpp's `llama` rope type (NORM).
+Atlas rotates adjacent pairs, which is llama.cpp's `llama` rope type (NORM). A mixture-of-experts
+llama (every layer MoE; `check_exportable` refuses experts in some layers only) is written as
+convert_hf_to_gguf.py writes Mixtral: ffn_gate_inp (the router, kept f32) and ffn_{gate,up,down}_exps
+stacked [E, out, in], with llama.expert_count, llama.expert_used_count and the experts' width as
+llama.feed_forward_length.
 
 Types (`--type`): f32; f16/bf16 (2-D weights; norms and biases stay f32); q8_0/q4_0 quantized here
 with gguf.quants for 2-D weights whose rows split into 32-wide blocks (q4_0 by GPTQ, quantize.py,
@@ -62,6 +66,12 @@ class TensorRow:
     suffix: str  # "weight" | "bias"
     sources: tuple[str, ...]  # Atlas param paths ({i}: layer); several are concatenated along rows
     optional: bool = False  # absent from tied models (output falls back to token_embd)
+    moe: bool | None = None  # per-layer rows: None every layer, True MoE layers only, False dense layers only
+
+    def layers(self, cfg: ModelConfig) -> list[int | None]:
+        if "{i}" not in self.sources[0]:
+            return [None]
+        return [i for i in range(cfg.n_layers) if self.moe is None or cfg.is_moe_layer(i) == self.moe]
 
 
 TENSOR_TABLE: tuple[TensorRow, ...] = (
@@ -80,10 +90,16 @@ TENSOR_TABLE: tuple[TensorRow, ...] = (
     TensorRow(("gpt2",), T.ATTN_OUT, "bias", ("layers_{i}/attn/wo/bias",)),
     TensorRow(BOTH, T.FFN_NORM, "weight", ("layers_{i}/mlp_norm/scale",)),
     TensorRow(("gpt2",), T.FFN_NORM, "bias", ("layers_{i}/mlp_norm/bias",)),
-    TensorRow(("llama",), T.FFN_GATE, "weight", ("layers_{i}/mlp/w_gate/kernel",)),
-    TensorRow(BOTH, T.FFN_UP, "weight", ("layers_{i}/mlp/w_up/kernel",)),
+    TensorRow(("llama",), T.FFN_GATE, "weight", ("layers_{i}/mlp/w_gate/kernel",), moe=False),
+    TensorRow(BOTH, T.FFN_UP, "weight", ("layers_{i}/mlp/w_up/kernel",), moe=False),
     TensorRow(("gpt2",), T.FFN_UP, "bias", ("layers_{i}/mlp/w_up/bias",)),
-    TensorRow(BOTH, T.FFN_DOWN, "weight", ("layers_{i}/mlp/w_down/kernel",)),
+    TensorRow(BOTH, T.FFN_DOWN, "weight", ("layers_{i}/mlp/w_down/kernel",), moe=False),
+    # Mixture-of-experts layers (llama), as convert_hf_to_gguf.py writes Mixtral: the router, then the
+    # experts stacked with the expert on the slowest axis ([E, out, in] rows).
+    TensorRow(("llama",), T.FFN_GATE_INP, "weight", ("layers_{i}/moe/router/kernel",), moe=True),
+    TensorRow(("llama",), T.FFN_GATE_EXP, "weight", ("layers_{i}/moe/w_gate",), moe=True),
+    TensorRow(("llama",), T.FFN_UP_EXP, "weight", ("layers_{i}/moe/w_up",), moe=True),
+    TensorRow(("llama",), T.FFN_DOWN_EXP, "weight", ("layers_{i}/moe/w_down",), moe=True),
     TensorRow(("gpt2",), T.FFN_DOWN, "bias", ("layers_{i}/mlp/w_down/bias",)),
     TensorRow(BOTH, T.OUTPUT_NORM, "weight", ("final_norm/scale",)),
     TensorRow(("gpt2",), T.OUTPUT_NORM, "bias", ("final_norm/bias",)),
@@ -123,7 +139,9 @@ FTYPES: dict[str, tuple[LlamaFileType, QT]] = {
 # q4_k_m/q5_k_m/q6_k: LLAMACPP_FTYPES (llamacpp.py), llama.cpp's quantizer applied to an f32 export.
 ALL_FTYPES = (*FTYPES, *LLAMACPP_FTYPES)
 FALLBACK_TYPE = QT.F16  # q8_0/q4_0 matrices whose rows do not split into 32-wide blocks
-KEEP_F32 = (T.POS_EMBD,)
+# The router stays f32 too (as convert_hf_to_gguf.py and llama.cpp's quantizer keep ffn_gate_inp):
+# a rounded router picks other experts.
+KEEP_F32 = (T.POS_EMBD, T.FFN_GATE_INP)
 # The output projection (output.weight, or token_embd when it stands in for it) at >= 8 bits, as
 # llama.cpp's own quantizer keeps it (q6_k there): 4-bit logits cost the most quality per byte.
 OUTPUT_TYPES = {QT.Q4_0: QT.Q8_0}  # looked up by row, not multiplied: kept exact (as convert_hf_to_gguf.py)
@@ -174,8 +192,14 @@ def check_params(flat: Mapping[str, Any], cfg: ModelConfig) -> None:
                           f"have; the checkpoint and its config do not match")
 
 
+EXPERT_STACKS = ("/moe/w_gate", "/moe/w_up", "/moe/w_down")  # [E, in, out]
+
+
 def _as_rows(path: str, array: np.ndarray) -> np.ndarray:
-    """An Atlas array as GGUF rows: kernels [in, out] -> [out, in]; the rest as they are."""
+    """An Atlas array as GGUF rows: kernels [in, out] -> [out, in], stacked experts [E, in, out] ->
+    [E, out, in]; the rest as they are."""
+    if path.endswith(EXPERT_STACKS):
+        return array.swapaxes(1, 2)
     return array.T if path.endswith("/kernel") else array
 
 
@@ -188,8 +212,7 @@ def gguf_tensors(params: Mapping, cfg: ModelConfig, write_output_for_tied: bool 
     for row in TENSOR_TABLE:
         if cfg.arch not in row.archs:
             continue
-        layers = range(cfg.n_layers) if "{i}" in row.sources[0] else [None]
-        for i in layers:
+        for i in row.layers(cfg):
             paths = [p.format(i=i) for p in row.sources]
             if row.optional and paths[0] not in flat:
                 continue
@@ -216,7 +239,7 @@ def dense_inputs(cfg: ModelConfig) -> dict[str, str]:
     out = {}
     for row in TENSOR_TABLE:
         if cfg.arch in row.archs and row.suffix == "weight" and row.sources[0].endswith("/kernel"):
-            for i in range(cfg.n_layers) if "{i}" in row.sources[0] else [None]:
+            for i in row.layers(cfg):
                 out[tensor_name(row.tensor, row.suffix, i)] = row.sources[0].format(i=i).rpartition("/")[0]
     return out
 
@@ -359,7 +382,21 @@ def model_metadata(cfg: ModelConfig, ftype: str, name: str) -> dict[str, tuple[A
     for key, attr, vtype in HPARAM_TABLE["common"] + HPARAM_TABLE[cfg.arch]:
         value = getattr(cfg, attr)
         meta[key.format(arch=arch)] = (float(value) if vtype == VT.FLOAT32 else int(value), vtype, None)
+    if cfg.moe_experts:  # every layer is MoE (check_exportable): llama.cpp reads the experts' width as n_ff
+        for key, attr in ((Keys.LLM.EXPERT_COUNT, "moe_experts"), (Keys.LLM.EXPERT_USED_COUNT, "moe_experts_per_token"),
+                          (Keys.LLM.FEED_FORWARD_LENGTH, "moe_d_ff")):
+            meta[key.format(arch=arch)] = (int(getattr(cfg, attr)), VT.UINT32, None)
     return meta
+
+
+def check_exportable(cfg: ModelConfig) -> None:
+    """Options llama.cpp's graphs cannot carry, refused in one line naming the nearest that works."""
+    if cfg.moe_experts and not all(cfg.is_moe_layer(i) for i in range(cfg.n_layers)):
+        dense = [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)]
+        raise ExportError(
+            f"model.moe_every={cfg.moe_every}, model.moe_first_layer={cfg.moe_first_layer} leave layers {dense} dense, "
+            f"but llama.cpp's llama architecture has experts in every layer or in none; export a model trained with "
+            f"model.moe_every=1 and model.moe_first_layer=0 (or a dense one)")
 
 
 # --------------------------------------------------------------------------- export
@@ -385,6 +422,7 @@ def export_gguf(params: Mapping, model_cfg: ModelConfig, tokenizer_path: str | P
         raise ExportError("model config is not resolved (n_kv_heads/d_ff unset); pass config.resolve_model(cfg)")
     if cfg.arch not in ARCHS:
         raise ExportError(f"model.arch '{cfg.arch}' has no GGUF mapping; export supports {', '.join(ARCHS)}")
+    check_exportable(cfg)
     check_params(flatten(params), cfg)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

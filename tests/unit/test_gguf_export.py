@@ -39,6 +39,7 @@ MODELS = {
     "gpt2-tied": dict(arch="gpt2", n_heads=4, tie_embeddings=True),
     "gpt2-untied": dict(arch="gpt2", n_heads=4, tie_embeddings=False),
     "llama-d80": dict(arch="llama", d_model=80, n_heads=4, n_kv_heads=2, tie_embeddings=False),
+    "llama-moe-e4-k2": dict(arch="llama", n_heads=4, n_kv_heads=2, moe_experts=4, moe_experts_per_token=2, moe_d_ff=96),
 }
 
 
@@ -86,7 +87,7 @@ def test_table_maps_every_param_to_a_tensor_the_arch_knows(shakespeare_tokenizer
 # --------------------------------------------------------------------------- read back
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-untied", "llama-mha-tied", "gpt2-tied", "gpt2-untied"])
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "llama-mha-tied", "gpt2-tied", "gpt2-untied", "llama-moe-e4-k2"])
 def test_reader_reads_back_every_key_and_tensor(shakespeare_tokenizer, tmp_path, name):
     cfg, params = make(shakespeare_tokenizer, name)
     path = export_gguf(params, cfg, shakespeare_tokenizer.path, tmp_path / "m.gguf", name="tiny")
@@ -107,6 +108,10 @@ def test_reader_reads_back_every_key_and_tensor(shakespeare_tokenizer, tmp_path,
     assert field_value(reader, Keys.Attention.HEAD_COUNT_KV.format(arch=a)) == cfg.n_kv_heads
     if a == "llama":
         assert field_value(reader, Keys.Rope.DIMENSION_COUNT.format(arch=a)) == cfg.head_dim
+    if cfg.moe_experts:
+        assert field_value(reader, Keys.LLM.EXPERT_COUNT.format(arch=a)) == cfg.moe_experts
+        assert field_value(reader, Keys.LLM.EXPERT_USED_COUNT.format(arch=a)) == cfg.moe_experts_per_token
+        assert field_value(reader, Keys.LLM.FEED_FORWARD_LENGTH.format(arch=a)) == cfg.moe_d_ff
 
     # every tensor, f32, equal to the params once transposition and fusion are undone
     flat = flatten(params)
@@ -116,8 +121,13 @@ def test_reader_reads_back_every_key_and_tensor(shakespeare_tokenizer, tmp_path,
     for row in TENSOR_TABLE:
         if cfg.arch not in row.archs:
             continue
-        for i in range(cfg.n_layers) if "{i}" in row.sources[0] else [None]:
+        for i in row.layers(cfg):  # every layer, or its MoE / dense layers only
             name_ = f"{gguf.TENSOR_NAMES[row.tensor].format(bid=i)}.{row.suffix}"
+            if row.sources[0].endswith(("/moe/w_gate", "/moe/w_up", "/moe/w_down")):
+                # stacked experts [E, in, out] are written [E, out, in]: expert on the slowest axis
+                np.testing.assert_array_equal(tensors[name_], flat[row.sources[0].format(i=i)].swapaxes(1, 2))
+                seen.add(name_)
+                continue
             paths = [s.format(i=i) for s in row.sources]
             if paths[0] not in flat:
                 assert row.optional and name_ not in tensors
