@@ -160,3 +160,23 @@ def test_one_signalled_process_stops_both_at_the_same_step_and_resumes_exactly(
     assert sorted(got) == sorted(want) == list(range(1, stop + 4))
     for s in want:
         assert abs(got[s] - want[s]) <= 1e-5, f"step {s}: 2 processes (resumed) {got[s]} vs 1 process {want[s]}"
+
+
+def test_moe_data_parallel_and_fsdp_match_one_device(shakespeare_data_dir):
+    # A mixture-of-experts llama (4 experts, 2 per token, the default moe_impl): the sort by expert and
+    # the load-balancing loss run over the whole microbatch whichever devices hold its rows. No expert
+    # mesh axis yet: with fsdp the stacked expert weights are split like any other array.
+    # 1 device and 2x4 (data parallel and FSDP at once) only: each mesh compiles its own step.
+    script = MESH_SCRIPT.replace("max_seq_len=32)", "max_seq_len=32, moe_experts=4, moe_experts_per_token=2)").replace(
+        '("8x1", (8, 1), None),\n                             ("1x8", (1, 8), None), ', "")
+    assert "moe_experts" in script and '"8x1"' not in script, "MESH_SCRIPT changed: update this test's edits"
+    proc = subprocess.run([sys.executable, "-c", script, str(shakespeare_data_dir)],
+                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
+    ref = np.array(out["1x1"]["losses"])
+    for name in ("2x4",):
+        got = np.array(out[name]["losses"])
+        worst = np.max(np.abs(got - ref))
+        assert worst <= 1e-5, f"MoE mesh {name}: losses {got} vs 1 device {ref}, max |diff| {worst:.2e}"
