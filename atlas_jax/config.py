@@ -134,11 +134,22 @@ class SampleConfig:
 
 
 @dataclass
+class LoraConfig:
+    """LoRA adapters on a frozen base (train.init_from): W + (alpha / rank) * A B (atlas_jax/lora.py)."""
+    rank: int = 0  # 0: no adapters (full training)
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapters' input
+    targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down head | all
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 SECTIONS = typing.get_type_hints(Config)
@@ -394,6 +405,18 @@ INIT_KINDS = ("run", "hf")
 def validate(cfg: Config) -> None:
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
     validate_model(m)
+    lo = cfg.lora
+    if lo.rank < 0:
+        raise ConfigError(f"lora.rank must be >= 0 (0 = no adapters), got {lo.rank}")
+    if lo.rank > 0:
+        if t.init_from is None:
+            raise ConfigError("lora.rank > 0 adapts a frozen base model: set train.init_from=run:PATH or hf:SRC")
+        if lo.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be positive, got {lo.alpha}")
+        if not 0.0 <= lo.dropout < 1.0:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+        if not lo.targets:
+            raise ConfigError("lora.targets is empty; name layers (q k v o gate up down head) or all")
     if t.init_from is not None:
         kind, _, src = t.init_from.partition(":")
         if kind not in INIT_KINDS or not src.strip():
