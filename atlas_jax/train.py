@@ -290,12 +290,13 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     eval_fn = make_eval_step(cfg, mesh, shardings["params"])
     val_local, val_tokens, val_bytes = _val_set(cfg, data_dir, token_bytes, mesh.size)
 
-    n_params = count_params(abstract["params"])
+    n_params = count_params(abstract["params"], cfg.model)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
     peak_entry = device_peak()
     peak = peak_entry.flops if peak_entry else None
-    _log(f"model {cfg.model.arch}: {n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding); "
+    active = f", {n_params['active']:,} active" if cfg.model.moe_experts else ""
+    _log(f"model {cfg.model.arch}: {n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding{active}); "
          f"mesh {dict(mesh.shape)}; {meta['splits']['train']['tokens']:,} train tokens; run dir {run_dir}")
     kind = jax.devices()[0].device_kind
     _log(f"MFU against {peak_entry.name}: {peak_entry.flops / 1e12:,.1f} TFLOP/s per device ({kind})" if peak_entry
