@@ -86,6 +86,7 @@ def is_model_only(step_dir: Path) -> bool:
 
 # Model fields that choose how the same function is computed; every other model field changes the
 # function (or the params' shapes), so a checkpoint resumes only under the config it was made with.
+LORA_FIELDS = ("rank", "alpha", "targets", "rslora")  # the adapters' shapes and function (dropout may change)
 IMPLEMENTATION_FIELDS = ("remat", "attention", "matmul", "moe_impl")
 
 
@@ -145,6 +146,13 @@ def restore(manager: ocp.CheckpointManager, step: int, abstract: PyTree, shardin
     if mismatch:
         raise CheckpointError(f"{step_dir}: checkpoint was made for a different model ({'; '.join(mismatch)}); "
                               f"use the run's own config or start a new run with --fresh or another train.run_dir")
+    saved_lora = {**to_dict(Config())["lora"], **saved_cfg.get("lora", {})}  # older checkpoints: no adapters
+    want_lora = to_dict(cfg)["lora"]
+    lora_changed = [f"lora.{k}: checkpoint {saved_lora[k]!r} vs config {want_lora[k]!r}"
+                    for k in LORA_FIELDS if saved_lora[k] != want_lora[k]]
+    if lora_changed:
+        raise CheckpointError(f"{step_dir}: checkpoint was made with other adapters ({'; '.join(lora_changed)}); "
+                              f"use the run's own lora settings or start a new run with --fresh or another train.run_dir")
     changed = optimizer_mismatch(saved_cfg, cfg, abstract["params"])
     if changed:
         raise CheckpointError(f"{step_dir}: the optimizer state was saved with another structure ({changed}); "
@@ -195,18 +203,37 @@ def checkpoint_config(step_dir: Path) -> Config:
         raise CheckpointError(f"{step_dir}: the checkpoint's config is not an Atlas config ({e})") from None
 
 
-def load_for_inference(path: str | Path) -> tuple[PyTree, Config, Path]:
-    """(params as host numpy arrays, resolved Config, tokenizer path) from a run or step dir."""
-    run_dir, step_dir = find_checkpoint(path)
-    cfg = checkpoint_config(step_dir)
-    abstract = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+def _restore_params(step_dir: Path, abstract: PyTree) -> PyTree:
     try:
         params = ocp.StandardCheckpointer().restore(step_dir.absolute() / "params", abstract)
     except Exception as e:
         raise CheckpointError(f"{step_dir}: corrupt or unreadable params ({_first_line(e)})") from None
-    params = jax.tree_util.tree_map(np.asarray, params)
-    tokenizer = tokenizer_path(run_dir, cfg)
-    return params, cfg, tokenizer
+    return jax.tree_util.tree_map(np.asarray, params)
+
+
+def load_for_inference(path: str | Path) -> tuple[PyTree, Config, Path]:
+    """(params as host numpy arrays, resolved Config, tokenizer path) from a run or step dir.
+    A LoRA run's params are adapters: `atlas_jax.init_from.load_model` merges them into its base."""
+    run_dir, step_dir = find_checkpoint(path)
+    cfg = checkpoint_config(step_dir)
+    if cfg.lora.rank > 0:
+        raise CheckpointError(f"{step_dir}: a LoRA run (adapters on train.init_from={cfg.train.init_from}); "
+                              f"load it with atlas_jax.init_from.load_model, which merges them into the base")
+    params = _restore_params(step_dir, jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0))))
+    return params, cfg, tokenizer_path(run_dir, cfg)
+
+
+def load_adapters(path: str | Path) -> tuple[PyTree, Config, Path]:
+    """A LoRA run's (adapters as host numpy arrays, resolved Config, step dir)."""
+    from atlas_jax.lora import init_adapters
+
+    run_dir, step_dir = find_checkpoint(path)
+    cfg = checkpoint_config(step_dir)
+    if cfg.lora.rank == 0:
+        raise CheckpointError(f"{step_dir}: not a LoRA run (lora.rank is 0): it holds a whole model, no adapters")
+    base = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+    abstract = jax.eval_shape(lambda: init_adapters(base, cfg.lora, jax.random.key(0)))
+    return _restore_params(step_dir, abstract), cfg, step_dir
 
 
 def tokenizer_path(run_dir: Path, cfg: Config) -> Path:

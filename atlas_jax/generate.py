@@ -99,11 +99,11 @@ class Session:
     """A loaded checkpoint and tokenizer, and the sampling settings of this command."""
 
     def __init__(self, args: argparse.Namespace):
-        from atlas_jax.checkpoint import load_for_inference
+        from atlas_jax.init_from import load_model
         from atlas_jax.sample import check_sample_config
         from atlas_jax.tokenizer import Tokenizer
 
-        params, cfg, tokenizer_path = load_for_inference(args.checkpoint)
+        params, cfg, tokenizer_path = load_model(args.checkpoint)  # LoRA runs: merged
         self.params = jax.device_put(params)
         self.model_cfg = cfg.model
         self.tokenizer = Tokenizer.load(tokenizer_path)

@@ -3,7 +3,7 @@
 Schedule (step = number of train steps already taken, skipped non-finite ones included, from 0):
     warmup   step < warmup_steps:  lr * (step + 1) / warmup_steps
     then     cosine | linear from lr to min_lr at step == steps, constant stays at lr
-Weight decay applies to matrices (`kernel`), to embeddings only when train.decay_embeddings,
+Weight decay applies to matrices (`kernel`, LoRA's `lora_a`/`lora_b`), to embeddings only when train.decay_embeddings,
 and never to norm scales or biases.
 """
 from __future__ import annotations
@@ -39,7 +39,7 @@ def lr_schedule(t: TrainConfig):
 def decay_mask(params, decay_embeddings: bool):
     def decide(path, _):
         name = jax.tree_util.keystr(path)
-        if name.endswith("['kernel']"):
+        if name.endswith(("['kernel']", "['lora_a']", "['lora_b']")):  # matrices, LoRA's included
             return True
         if name.endswith("['embedding']"):
             return decay_embeddings

@@ -29,7 +29,9 @@ from atlas_jax.model import count_params, flops_per_token
 from atlas_jax.sharding import (check_batch_divides, global_batch, make_flag_agreement, make_mesh,
                                 maybe_initialize_distributed, state_shardings)
 from atlas_jax.tracking import MetricsLog, flatten_params, make_tracker, read_metrics
-from atlas_jax.train_step import abstract_state, create_sharded_state, make_eval_step, make_train_step
+from atlas_jax.lora import count as lora_count
+from atlas_jax.train_step import (abstract_state, base_shapes, create_sharded_state, make_eval_step,
+                                   make_train_step)
 
 @dataclass
 class RunResult:
@@ -44,6 +46,8 @@ class RunResult:
     stopped: str = "done"  # done | interrupted | nonfinite
     history: list = field(default_factory=list)
     state: object = None  # the final train state, for callers in the same process
+    base: object = None  # LoRA: the frozen base params (state["params"] holds the adapters)
+    cfg: object = None  # the config the run trained with (train.init_from fills the model from its source)
 
 
 class _Stop:
@@ -256,6 +260,9 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     init = None
     if cfg.train.init_from:
         cfg, init = _resolve_init(cfg, run_dir)
+    if cfg.lora.rank > 0:
+        from atlas_jax.lora import target_paths
+        target_paths(base_shapes(cfg), cfg.lora)  # lora.targets that match no layer: refused before any work
     data_dir, meta, tok_src = prepare_run(cfg, run_dir)
     tokenizer = Tokenizer.load(tok_src)
     token_bytes = tokenizer.token_byte_lengths()
@@ -269,6 +276,16 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     it = make_train_iterator(data_dir, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed,
                              jax.process_index(), jax.process_count())
     latest = manager.latest_step()
+    base = base_sh = base_sha = None
+    if cfg.lora.rank > 0:  # the frozen base, placed like params; the state holds the adapters
+        from atlas_jax.init_from import check_lora_base, params_sha256
+
+        host_base = init.load_params()
+        base_sha = params_sha256(host_base)
+        check_lora_base(run_dir, base_sha, cfg.train.init_from)
+        base_sh = state_shardings(base_shapes(cfg), mesh)
+        base = _place(host_base, base_sh)
+        del host_base
     if latest is not None:
         if latest > cfg.train.steps:
             raise AtlasError(f"{run_dir / ckpt.CHECKPOINTS / str(latest)}: the run is already at step {latest}, past "
@@ -277,25 +294,33 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
         it.set_state(it_state)
     else:
         state, _ = create_sharded_state(cfg, mesh)
-        if init is not None:
+        if init is not None and cfg.lora.rank == 0:
             state["params"] = _place(init.load_params(), shardings["params"])
             _log(f"initialized from {init.spec} ({init.where}): its params, a fresh optimizer at step 0")
+        elif init is not None:
+            _log(f"initialized from {init.spec} ({init.where}): its params frozen, LoRA adapters "
+                 f"(rank {cfg.lora.rank}) from zero at step 0")
     # The tracker once the resume checks passed (a refused resume writes no tb/ events) and before the
     # run's files are recorded (an unreachable train.tracking_uri changes nothing).
     tracker = make_tracker(cfg.train.tracking, cfg.train.tracking_uri, run_dir, _is_main())
     record_run(cfg, run_dir, tok_src)
+    if base_sha is not None and _is_main():
+        from atlas_jax.init_from import write_lora_base
+        write_lora_base(run_dir, init, base_sha)
     if latest is not None:
         _log(f"resumed from {run_dir / ckpt.CHECKPOINTS / str(latest)}")
-    step_fn = make_train_step(cfg, mesh, shardings)
-    eval_fn = make_eval_step(cfg, mesh, shardings["params"])
+    step_fn = make_train_step(cfg, mesh, shardings, base, base_sh)
+    eval_fn = make_eval_step(cfg, mesh, shardings["params"], base, base_sh)
     val_local, val_tokens, val_bytes = _val_set(cfg, data_dir, token_bytes, mesh.size)
 
-    n_params = count_params(abstract["params"], cfg.model)
+    n_params = count_params(base_shapes(cfg) if base is not None else abstract["params"], cfg.model)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
     peak_entry = device_peak()
     peak = peak_entry.flops if peak_entry else None
     active = f", {n_params['active']:,} active" if cfg.model.moe_experts else ""
+    if base is not None:
+        active += f"; LoRA trains {lora_count(abstract['params']):,} adapter params, the base is frozen"
     _log(f"model {cfg.model.arch}: {n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding{active}); "
          f"mesh {dict(mesh.shape)}; {meta['splits']['train']['tokens']:,} train tokens; run dir {run_dir}")
     kind = jax.devices()[0].device_kind
@@ -408,6 +433,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
             f"stopped at step {step}: {cfg.train.max_nonfinite_steps} steps in a row had a non-finite loss or "
             f"gradient (updates were skipped); {where}; lower train.lr or raise train.warmup_steps")
     result.state = state
+    result.base = base
+    result.cfg = cfg
     return result
 
 
@@ -436,7 +463,11 @@ def _samples(result: RunResult, cfg: Config, n: int = 2) -> list[str]:
     from atlas_jax.sample import generate
     from atlas_jax.tokenizer import Tokenizer
 
-    params = multihost_utils.process_allgather(result.state["params"], tiled=True)  # collective
+    params = result.state["params"]
+    if result.base is not None:  # LoRA: sample from the base with the adapters merged in
+        from atlas_jax.lora import merge
+        params = merge(result.base, params, cfg.lora)
+    params = multihost_utils.process_allgather(params, tiled=True)  # collective
     if not _is_main():
         return []
     tok = Tokenizer.load(ckpt.tokenizer_path(result.run_dir, cfg))
@@ -467,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     result = train(cfg, fresh=args.fresh, progress=not args.no_progress)
     samples = None
+    cfg = result.cfg or cfg
     if not args.no_samples and result.stopped == "done":
         samples = _samples(result, cfg)
     if _is_main():

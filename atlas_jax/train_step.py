@@ -12,6 +12,10 @@ LR schedule still advances, so it ends at min_lr at step train.steps whatever wa
 The gradient is that of `model.objective`: the cross-entropy plus, for a MoE model, the auxiliary
 losses times model.moe_aux_loss_coef / moe_z_loss_coef. metrics["loss"] is the cross-entropy alone
 (comparable with val loss); a MoE model's metrics add "moe_load_balance" and "moe_router_z", unweighted.
+
+LoRA (lora.rank > 0): state["params"] holds the adapters only (so the optimizer holds state for
+them only) and the frozen base params are a separate argument of the jitted steps, bound by
+make_train_step / make_eval_step (`base=`), never donated, never updated.
 """
 from __future__ import annotations
 
@@ -22,6 +26,9 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import flax.linen as nn
+
+from atlas_jax import lora as L
 from atlas_jax.config import Config
 from atlas_jax.model import LOSS_TERMS, Transformer, cross_entropy, init_params, loss_terms, objective
 from atlas_jax.optim import lr_schedule, make_optimizer
@@ -30,9 +37,21 @@ from atlas_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_sha
 PyTree = Any
 
 
+def base_shapes(cfg: Config) -> PyTree:
+    """The model's param shapes (for LoRA: the frozen base's)."""
+    return jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+
+
+def init_trainable(cfg: Config, key: jax.Array) -> PyTree:
+    """What the optimizer trains: the model's params, or under LoRA the zero-delta adapters."""
+    if cfg.lora.rank > 0:
+        return L.init_adapters(base_shapes(cfg), cfg.lora, key)
+    return init_params(cfg.model, key)
+
+
 def init_state(cfg: Config, optimizer: optax.GradientTransformation, seed_key: jax.Array) -> PyTree:
     init_key, rng_key = jax.random.split(seed_key)
-    params = init_params(cfg.model, init_key)
+    params = init_trainable(cfg, init_key)
     return {
         "params": params,
         "opt_state": optimizer.init(params),
@@ -70,23 +89,36 @@ def with_schedule_count(opt_state, count: jax.Array):
                                   opt_state, is_leaf=is_sched)
 
 
-def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree) -> Callable:
+def _terms(cfg: Config, params, base, inputs, targets, key):
+    """loss_terms of the model, or under LoRA of the base with `params` (the adapters) in place."""
+    if cfg.lora.rank == 0:
+        return loss_terms(params, cfg.model, inputs, targets, key)
+    lora_key = jax.random.fold_in(key, 1) if key is not None and cfg.lora.dropout > 0 else None
+    with nn.intercept_methods(L.interceptor(params, cfg.lora, lora_key)):
+        return loss_terms(base, cfg.model, inputs, targets, key)
+
+
+def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree, base: PyTree | None = None,
+                    base_shardings: PyTree | None = None) -> Callable:
+    """The jitted (state, batch) -> (state, metrics). LoRA: `base` (the frozen params, in
+    `base_shardings`) is bound here and passed to every call, as an argument, not a constant."""
     m_cfg, t_cfg = cfg.model, cfg.train
     optimizer = make_optimizer(t_cfg)
     schedule = lr_schedule(t_cfg)
     n_micro = t_cfg.microbatches
-    use_dropout = m_cfg.dropout > 0
-    def objective_and_terms(params, inputs, targets, key):
-        terms = loss_terms(params, m_cfg, inputs, targets, key)
+    use_dropout = m_cfg.dropout > 0 or (cfg.lora.rank > 0 and cfg.lora.dropout > 0)
+
+    def objective_and_terms(params, base, inputs, targets, key):
+        terms = _terms(cfg, params, base, inputs, targets, key)
         return objective(terms, m_cfg), terms
 
     grad_fn = jax.value_and_grad(objective_and_terms, has_aux=True)
 
-    def micro_grad(params, inputs, targets, key):
-        """((objective, terms), grads) of one microbatch."""
-        return grad_fn(params, inputs, targets, key if use_dropout else None)
+    def step(state, batch, base):
+        def micro_grad(params, inputs, targets, key):
+            """((objective, terms), grads) of one microbatch."""
+            return grad_fn(params, base, inputs, targets, key if use_dropout else None)
 
-    def step(state, batch):
         params = state["params"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if n_micro == 1:
@@ -134,8 +166,9 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree) -> Callable:
                    "skipped": (~ok).astype(jnp.int32), "bad_steps": new_state["bad_steps"]}
         return new_state, metrics
 
-    return jax.jit(step, in_shardings=(shardings, batch_sharding(mesh)),
-                   out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), base_shardings),
+                     out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
+    return lambda state, batch: jitted(state, batch, base)
 
 
 def split_microbatches(batch: dict, n_micro: int, mesh: Mesh) -> dict:
@@ -158,7 +191,8 @@ def eval_microbatches(cfg: Config, batch_rows: int, n_devices: int) -> int:
     return 1
 
 
-def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree) -> Callable:
+def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree, base: PyTree | None = None,
+                   base_shardings: PyTree | None = None) -> Callable:
     """(params, batch) -> summed NLL in nats over the batch's targets (float32).
 
     The batch runs in the train step's microbatches (`train.microbatches`), one after another, so
@@ -166,11 +200,15 @@ def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree) -> Callable
     batch's: at 64 x 1024 x 32k that is the difference between 8 GiB and 1 GiB."""
     model = Transformer(cfg.model)
 
-    def nll(params, inputs, targets):
-        total, _ = cross_entropy(model.apply({"params": params}, inputs), targets)
-        return total
+    def evaluate(params, batch, base):
+        def nll(params, inputs, targets):
+            if cfg.lora.rank == 0:
+                logits = model.apply({"params": params}, inputs)
+            else:
+                logits = L.apply(cfg.model, base, params, cfg.lora, inputs)
+            total, _ = cross_entropy(logits, targets)
+            return total
 
-    def evaluate(params, batch):
         n_micro = eval_microbatches(cfg, batch["inputs"].shape[0], mesh.size)
         if n_micro == 1:
             return nll(params, batch["inputs"], batch["targets"])
@@ -178,4 +216,6 @@ def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree) -> Callable
         totals = jax.lax.map(lambda mb: nll(params, mb["inputs"], mb["targets"]), micro)
         return jnp.sum(totals)
 
-    return jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh)), out_shardings=replicated(mesh))
+    jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh), base_shardings),
+                     out_shardings=replicated(mesh))
+    return lambda params, batch: jitted(params, batch, base)

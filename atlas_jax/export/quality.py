@@ -94,10 +94,11 @@ def compare_run_with_llamacpp(run_dir: str | Path, out_dir: str | Path,
     """`compare_with_llamacpp` for a trained run: windows from the head of its validation split
     (<data_dir>/val.bin; `window` defaults to data.seq_len), greedy continuation of the first window's
     first 16 tokens; q4_0 calibrated on the train split (`run_calibration`)."""
-    from atlas_jax.checkpoint import find_checkpoint, load_for_inference
+    from atlas_jax.checkpoint import find_checkpoint
+    from atlas_jax.init_from import load_model
     from atlas_jax.data.prepare import load_split, run_data_dir
 
-    params, cfg, tokenizer_path = load_for_inference(run_dir)
+    params, cfg, tokenizer_path = load_model(run_dir)
     data_dir = run_data_dir(cfg.data, find_checkpoint(run_dir)[0])
     calibration = run_calibration(params, cfg, data_dir) if "q4_0" in ftypes else None
     val = np.asarray(load_split(data_dir, "val"))

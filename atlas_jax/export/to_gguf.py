@@ -69,14 +69,16 @@ def main(argv: list[str] | None = None) -> int:
         raise ExportError(f"--out {args.out}: the file exists; pass --force to replace it or choose another --out")
     check_writable(args.out)
 
-    from atlas_jax.checkpoint import find_checkpoint, load_for_inference
+    from atlas_jax.checkpoint import find_checkpoint
     from atlas_jax.data.prepare import run_data_dir
     from atlas_jax.export.calibrate import run_calibration
     from atlas_jax.export.gguf import export_gguf
 
     run_dir, step_dir = find_checkpoint(args.checkpoint)
     refuse_run_files(args.out, run_dir)
-    params, cfg, tokenizer = load_for_inference(args.checkpoint)
+    from atlas_jax.init_from import load_model
+
+    params, cfg, tokenizer = load_model(args.checkpoint)  # a LoRA run: merged into its base
     # the run's data dir and tokenizer may lie outside the run dir
     refuse_run_files(args.out, run_data_dir(cfg.data, run_dir), tokenizer, *filter(None, [cfg.data.tokenizer]),
                      where="the run's data dir")
