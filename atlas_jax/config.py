@@ -28,6 +28,7 @@ MOE_IMPLS = ("auto", "grouped", "ragged", "dense")
 SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZER_TYPES = ("bpe", "unigram", "bytelevel")  # sentencepiece bpe/unigram; GPT-2-style byte-level BPE
 TRACKERS = ("tensorboard", "mlflow", "none")
+OBJECTIVES = ("lm", "sft", "dpo")
 
 
 @dataclass
@@ -91,6 +92,8 @@ class DataConfig:
     val_fraction: float = 0.1
     split_seed: int = 0
     num_workers: int = 2
+    # train.objective sft | dpo: a built-in chat template (chatml) or a .jinja file (atlas_jax/finetune/templates.py)
+    chat_template: str = "chatml"
 
 
 @dataclass
@@ -122,6 +125,11 @@ class TrainConfig:
     # run:PATH (another run's params) | hf:SRC (a Hugging Face model dir or hub id): the first step starts
     # from that model's params, architecture and tokenizer, with a fresh optimizer and schedule.
     init_from: str | None = None
+    # lm: next-token loss on text shards | sft: loss on the assistant tokens of chat JSONL | dpo: the DPO
+    # loss on preference pairs (JSONL), against the frozen starting model (atlas_jax/finetune/)
+    objective: str = "lm"
+    dpo_beta: float = 0.1
+    dpo_label_smoothing: float = 0.0  # conservative DPO: the chance a preference label is flipped
 
 
 @dataclass
@@ -405,6 +413,13 @@ INIT_KINDS = ("run", "hf")
 def validate(cfg: Config) -> None:
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
     validate_model(m)
+    _choice(t.objective, OBJECTIVES, "train.objective")
+    if t.objective != "lm" and t.init_from is None:
+        raise ConfigError(f"train.objective={t.objective} fine-tunes a model: set train.init_from=run:PATH or hf:SRC")
+    if t.dpo_beta <= 0:
+        raise ConfigError(f"train.dpo_beta must be positive, got {t.dpo_beta}")
+    if not 0.0 <= t.dpo_label_smoothing < 0.5:
+        raise ConfigError(f"train.dpo_label_smoothing must be in [0, 0.5), got {t.dpo_label_smoothing}")
     lo = cfg.lora
     if lo.rank < 0:
         raise ConfigError(f"lora.rank must be >= 0 (0 = no adapters), got {lo.rank}")

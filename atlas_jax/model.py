@@ -394,18 +394,21 @@ LOSS_TERMS = ("loss", "moe_load_balance", "moe_router_z")  # loss_terms' keys (t
 
 
 def loss_terms(params: PyTree, cfg: ModelConfig, tokens_BxT: Array, targets_BxT: Array,
-               dropout_key: Array | None = None) -> dict[str, Array]:
+               dropout_key: Array | None = None, weights_BxT: Array | None = None,
+               normalizer: Array | None = None) -> dict[str, Array]:
     """{"loss": mean next-token cross-entropy in nats} and, for MoE models, the unweighted auxiliary
-    losses averaged over the MoE layers: "moe_load_balance" (1.0 when balanced) and "moe_router_z"."""
+    losses averaged over the MoE layers: "moe_load_balance" (1.0 when balanced) and "moe_router_z".
+    weights_BxT: per-target weights (SFT's loss mask); normalizer: divide the weighted sum by this
+    instead of the weights' own sum (a whole batch's count, for microbatches)."""
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
     model = Transformer(cfg)
     if cfg.moe_experts == 0:
         logits = model.apply({"params": params}, tokens_BxT, dropout_key is None, rngs=rngs)
-        total, count = cross_entropy(logits, targets_BxT)
-        return {"loss": total / count}
+        total, count = cross_entropy(logits, targets_BxT, weights_BxT)
+        return {"loss": total / (count if normalizer is None else normalizer)}
     logits, sown = model.apply({"params": params}, tokens_BxT, dropout_key is None, rngs=rngs, mutable=[MOE_AUX])
-    total, count = cross_entropy(logits, targets_BxT)
-    terms = {"loss": total / count}
+    total, count = cross_entropy(logits, targets_BxT, weights_BxT)
+    terms = {"loss": total / (count if normalizer is None else normalizer)}
     for name, key in zip(LOSS_TERMS[1:], ("load_balance", "router_z")):
         values = [v for path, v in jax.tree_util.tree_flatten_with_path(sown[MOE_AUX])[0]
                   if any(getattr(p, "key", None) == key for p in path)]

@@ -138,12 +138,73 @@ def _val_set(cfg: Config, data_dir: Path, token_bytes: np.ndarray, n_devices: in
     return local, n_tokens, n_bytes
 
 
-def evaluate(eval_step, params, val_local, mesh, n_tokens: int, n_bytes: int) -> dict:
-    total = 0.0
+def evaluate(eval_step, params, val_local, mesh, n_tokens: int, n_bytes: int | None) -> dict:
+    """Val metrics. lm: loss, perplexity and bits per byte; sft: loss and perplexity over the assistant
+    tokens (n_tokens their count); dpo: the DPO loss and rewards over the val pairs (n_tokens: pairs)."""
+    totals = None
     for b in val_local:
-        total += float(eval_step(params, global_batch(b, mesh)))
-    loss = total / n_tokens
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": total / (n_bytes * math.log(2))}
+        out = jax.device_get(eval_step(params, global_batch(b, mesh)))
+        totals = out if totals is None else jax.tree_util.tree_map(lambda a, c: a + c, totals, out)
+    if isinstance(totals, dict):  # dpo
+        return {f"val_{k}": float(v) / n_tokens for k, v in totals.items()}
+    loss = float(totals) / n_tokens
+    out = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    if n_bytes:
+        out["val_bpb"] = float(totals) / (n_bytes * math.log(2))
+    return out
+
+
+@dataclass
+class _FinetuneData:
+    train: dict  # prefix -> Rows ("" for sft; "chosen_" / "rejected_" for dpo)
+    val: dict
+    template: object
+    n_train: int
+    n_val: int
+    truncated: int
+
+
+def _finetune_data(cfg: Config, tokenizer) -> _FinetuneData:
+    """Render, tokenize and split data.sources (JSONL) for train.objective sft / dpo."""
+    from atlas_jax.data.corpora import resolve_sources
+    from atlas_jax.finetune.data import dpo_rows, sft_rows, split
+    from atlas_jax.finetune.templates import load_template
+
+    paths = resolve_sources(cfg.data.sources)
+    not_jsonl = [p for p in paths if p.suffix != ".jsonl"]
+    if not_jsonl:
+        raise DataError(f"{not_jsonl[0]}: train.objective={cfg.train.objective} reads JSONL examples "
+                        f"(see atlas_jax/finetune/data.py for the fields); name .jsonl files in data.sources")
+    template = load_template(cfg.data.chat_template)
+    if cfg.train.objective == "sft":
+        rows = {"": sft_rows(paths, template, tokenizer, cfg.data.seq_len)}
+    else:
+        chosen, rejected = dpo_rows(paths, template, tokenizer, cfg.data.seq_len)
+        rows = {"chosen_": chosen, "rejected_": rejected}
+    n = len(next(iter(rows.values())))
+    train_idx, val_idx = split(n, cfg.data.val_fraction, cfg.data.split_seed)
+    if not len(val_idx):
+        raise DataError(f"{paths[0]}: {n} example(s) leave none for validation; add examples or raise "
+                        f"data.val_fraction")
+    truncated = sum(r.truncated for r in rows.values())
+    return _FinetuneData({k: r.take(train_idx) for k, r in rows.items()}, {k: r.take(val_idx) for k, r in rows.items()},
+                         template, len(train_idx), len(val_idx), truncated)
+
+
+def _finetune_val_set(cfg: Config, ft: _FinetuneData, n_devices: int):
+    from atlas_jax.finetune.batches import val_batches
+
+    batches = val_batches(ft.val, cfg.train.batch_size, n_devices)
+    if not batches:
+        raise DataError(f"the val split holds {ft.n_val} example(s), fewer than the {n_devices} devices; "
+                        f"raise data.val_fraction")
+    if cfg.train.objective == "sft":
+        count = int(sum(b["weights"].sum() for b in batches))
+    else:
+        count = int(sum(len(b["chosen_inputs"]) for b in batches))
+    p, n = jax.process_index(), jax.process_count()
+    local = [{k: v[p * v.shape[0] // n:(p + 1) * v.shape[0] // n] for k, v in b.items()} for b in batches]
+    return local, count, None
 
 
 def plot_loss_curve(run_dir: Path) -> Path | None:
@@ -263,9 +324,16 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     if cfg.lora.rank > 0:
         from atlas_jax.lora import target_paths
         target_paths(base_shapes(cfg), cfg.lora)  # lora.targets that match no layer: refused before any work
-    data_dir, meta, tok_src = prepare_run(cfg, run_dir)
-    tokenizer = Tokenizer.load(tok_src)
-    token_bytes = tokenizer.token_byte_lengths()
+    finetune = cfg.train.objective != "lm"
+    if finetune:  # chat / preference JSONL, tokenized here with the model's tokenizer and template
+        tok_src = Path(cfg.data.tokenizer)
+        tokenizer = Tokenizer.load(tok_src)
+        ft = _finetune_data(cfg, tokenizer)
+        data_dir = meta = token_bytes = None
+    else:
+        data_dir, meta, tok_src = prepare_run(cfg, run_dir)
+        tokenizer = Tokenizer.load(tok_src)
+        token_bytes = tokenizer.token_byte_lengths()
 
     mesh = make_mesh(cfg.train.mesh)
     check_batch_divides(cfg.train.batch_size, cfg.train.microbatches, mesh)
@@ -273,10 +341,18 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     abstract = abstract_state(cfg)
     shardings = state_shardings(abstract, mesh)
 
-    it = make_train_iterator(data_dir, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed,
-                             jax.process_index(), jax.process_count())
+    if finetune:
+        from atlas_jax.finetune.batches import make_example_iterator
+        it = make_example_iterator(ft.train, cfg.train.batch_size, cfg.train.seed, jax.process_index(),
+                                   jax.process_count())
+    else:
+        it = make_train_iterator(data_dir, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed,
+                                 jax.process_index(), jax.process_count())
     latest = manager.latest_step()
     base = base_sh = base_sha = None
+    if cfg.lora.rank == 0 and cfg.train.objective == "dpo":  # the reference: a frozen copy of the start
+        base_sh = state_shardings(base_shapes(cfg), mesh)
+        base = _place(init.load_params(), base_sh)
     if cfg.lora.rank > 0:  # the frozen base, placed like params; the state holds the adapters
         from atlas_jax.init_from import check_lora_base, params_sha256
 
@@ -307,22 +383,31 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     if base_sha is not None and _is_main():
         from atlas_jax.init_from import write_lora_base
         write_lora_base(run_dir, init, base_sha)
+    if finetune and _is_main():
+        from atlas_jax.finetune.templates import write_run_template
+        write_run_template(run_dir, ft.template)
     if latest is not None:
         _log(f"resumed from {run_dir / ckpt.CHECKPOINTS / str(latest)}")
     step_fn = make_train_step(cfg, mesh, shardings, base, base_sh)
     eval_fn = make_eval_step(cfg, mesh, shardings["params"], base, base_sh)
-    val_local, val_tokens, val_bytes = _val_set(cfg, data_dir, token_bytes, mesh.size)
+    if finetune:
+        val_local, val_tokens, val_bytes = _finetune_val_set(cfg, ft, mesh.size)
+    else:
+        val_local, val_tokens, val_bytes = _val_set(cfg, data_dir, token_bytes, mesh.size)
 
-    n_params = count_params(base_shapes(cfg) if base is not None else abstract["params"], cfg.model)
+    n_params = count_params(base_shapes(cfg) if cfg.lora.rank > 0 else abstract["params"], cfg.model)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     flops_tok = flops_per_token(cfg.model, cfg.data.seq_len)
     peak_entry = device_peak()
     peak = peak_entry.flops if peak_entry else None
     active = f", {n_params['active']:,} active" if cfg.model.moe_experts else ""
-    if base is not None:
+    if cfg.lora.rank > 0:
         active += f"; LoRA trains {lora_count(abstract['params']):,} adapter params, the base is frozen"
+    data_txt = (f"{ft.n_train:,} train / {ft.n_val:,} val examples ({cfg.train.objective}"
+                f"{f', {ft.truncated} replies cut at data.seq_len' if ft.truncated else ''})" if finetune
+                else f"{meta['splits']['train']['tokens']:,} train tokens")
     _log(f"model {cfg.model.arch}: {n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding{active}); "
-         f"mesh {dict(mesh.shape)}; {meta['splits']['train']['tokens']:,} train tokens; run dir {run_dir}")
+         f"mesh {dict(mesh.shape)}; {data_txt}; run dir {run_dir}")
     kind = jax.devices()[0].device_kind
     _log(f"MFU against {peak_entry.name}: {peak_entry.flops / 1e12:,.1f} TFLOP/s per device ({kind})" if peak_entry
          else f"MFU not reported: no peak FLOP/s known for device kind '{kind}' (atlas_jax/devices.py)")
@@ -362,7 +447,10 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
         last = host[-1]
         if bar is not None:
             mfu_txt = f" mfu={tps * flops_tok / (peak * jax.device_count()):.1%}" if peak else ""
-            bar.set_postfix_str(f"loss={float(last['loss']):.4f} lr={float(last['lr']):.2e} tok/s={tps:,.0f}{mfu_txt}")
+            dpo_txt = (f" acc={float(last['rewards/accuracies']):.2f} margin={float(last['rewards/margins']):.2f}"
+                       if "rewards/accuracies" in last else "")
+            bar.set_postfix_str(f"loss={float(last['loss']):.4f}{dpo_txt} lr={float(last['lr']):.2e} "
+                                f"tok/s={tps:,.0f}{mfu_txt}")
         result.train_loss = float(last["loss"])
         return last
 
@@ -401,7 +489,10 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
                 last_val = val
                 log.write({"step": step, **val})
                 result.history.append({"step": step, **val})
-                _log(f"step {step}: val loss {val['val_loss']:.4f}, bits/byte {val['val_bpb']:.4f}")
+                extra = (f", bits/byte {val['val_bpb']:.4f}" if "val_bpb" in val else
+                         f", reward accuracy {val['val_rewards/accuracies']:.3f}, margin {val['val_rewards/margins']:.3f}"
+                         if "val_rewards/accuracies" in val else " (assistant tokens)")
+                _log(f"step {step}: val loss {val['val_loss']:.4f}{extra}")
             if step % cfg.train.checkpoint_interval == 0 or step == total or stopping:
                 flush_metrics()
                 _save(manager, state, it, cfg, val["val_loss"] if val else None, run_dir,
@@ -420,7 +511,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     if peak and result.tokens_per_s:
         result.mfu = result.tokens_per_s * flops_tok / (peak * jax.device_count())
     if last_val:
-        result.val_loss, result.val_bpb = last_val["val_loss"], last_val["val_bpb"]
+        result.val_loss, result.val_bpb = last_val["val_loss"], last_val.get("val_bpb")
     if _is_main():
         tracker.log_artifact(plot_loss_curve(run_dir))
         tracker.log_artifact(run_dir / "config.yaml")

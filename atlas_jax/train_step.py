@@ -30,7 +30,8 @@ import flax.linen as nn
 
 from atlas_jax import lora as L
 from atlas_jax.config import Config
-from atlas_jax.model import LOSS_TERMS, Transformer, cross_entropy, init_params, loss_terms, objective
+from atlas_jax.finetune.losses import dpo_loss, sequence_logps
+from atlas_jax.model import Transformer, cross_entropy, init_params, loss_terms, objective
 from atlas_jax.optim import lr_schedule, make_optimizer
 from atlas_jax.sharding import BATCH_AXES, batch_sharding, replicated, state_shardings
 
@@ -89,13 +90,49 @@ def with_schedule_count(opt_state, count: jax.Array):
                                   opt_state, is_leaf=is_sched)
 
 
-def _terms(cfg: Config, params, base, inputs, targets, key):
-    """loss_terms of the model, or under LoRA of the base with `params` (the adapters) in place."""
+def _apply_policy(cfg: Config, params, base, inputs, key):
+    """Logits of the trained model: params, or under LoRA the base with the adapters `params`."""
+    rngs = {"dropout": key} if key is not None else None
     if cfg.lora.rank == 0:
-        return loss_terms(params, cfg.model, inputs, targets, key)
+        return Transformer(cfg.model).apply({"params": params}, inputs, key is None, rngs=rngs)
     lora_key = jax.random.fold_in(key, 1) if key is not None and cfg.lora.dropout > 0 else None
     with nn.intercept_methods(L.interceptor(params, cfg.lora, lora_key)):
-        return loss_terms(base, cfg.model, inputs, targets, key)
+        return Transformer(cfg.model).apply({"params": base}, inputs, key is None, rngs=rngs)
+
+
+def _terms(cfg: Config, params, base, mb: dict, key, norm):
+    """The microbatch's loss terms for train.objective (the first is what the gradient follows).
+
+    lm: loss_terms of the model (under LoRA: of the base with the adapters in place). sft: the same
+    with the assistant-token weights, divided by `norm` (the global batch's weight sum, times the
+    microbatch count: the step averages microbatches, so the result is the batch's per-token mean).
+    dpo: the DPO loss of the policy against the reference (`base`: LoRA's base with adapters off,
+    or the frozen copy of the starting params), and the reward metrics."""
+    objective_name = cfg.train.objective
+    if objective_name == "dpo":
+        inputs = jnp.concatenate([mb["chosen_inputs"], mb["rejected_inputs"]])
+        targets = jnp.concatenate([mb["chosen_targets"], mb["rejected_targets"]])
+        weights = jnp.concatenate([mb["chosen_weights"], mb["rejected_weights"]])
+        b = mb["chosen_inputs"].shape[0]
+        policy = sequence_logps(_apply_policy(cfg, params, base, inputs, key), targets, weights)
+        ref = jax.lax.stop_gradient(sequence_logps(Transformer(cfg.model).apply({"params": base}, inputs),
+                                                   targets, weights))
+        loss, metrics = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], cfg.train.dpo_beta,
+                                 cfg.train.dpo_label_smoothing)
+        return {"loss": loss, **metrics}
+    weights = mb.get("weights") if objective_name == "sft" else None
+    normalizer = norm if objective_name == "sft" else None
+    if cfg.lora.rank == 0:
+        return loss_terms(params, cfg.model, mb["inputs"], mb["targets"], key, weights, normalizer)
+    lora_key = jax.random.fold_in(key, 1) if key is not None and cfg.lora.dropout > 0 else None
+    with nn.intercept_methods(L.interceptor(params, cfg.lora, lora_key)):
+        return loss_terms(base, cfg.model, mb["inputs"], mb["targets"], key, weights, normalizer)
+
+
+def _objective(terms: dict, cfg: Config):
+    if cfg.train.objective == "dpo":
+        return terms["loss"]
+    return objective(terms, cfg.model)
 
 
 def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree, base: PyTree | None = None,
@@ -108,35 +145,38 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree, base: PyTree | N
     n_micro = t_cfg.microbatches
     use_dropout = m_cfg.dropout > 0 or (cfg.lora.rank > 0 and cfg.lora.dropout > 0)
 
-    def objective_and_terms(params, base, inputs, targets, key):
-        terms = _terms(cfg, params, base, inputs, targets, key)
-        return objective(terms, m_cfg), terms
+    def objective_and_terms(params, base, mb, key, norm):
+        terms = _terms(cfg, params, base, mb, key, norm)
+        return _objective(terms, cfg), terms
 
     grad_fn = jax.value_and_grad(objective_and_terms, has_aux=True)
 
     def step(state, batch, base):
-        def micro_grad(params, inputs, targets, key):
+        # SFT: the global batch's loss-weight count, times the microbatches the step averages
+        norm = jnp.sum(batch["weights"]) * n_micro if cfg.train.objective == "sft" else None
+
+        def micro_grad(params, mb, key):
             """((objective, terms), grads) of one microbatch."""
-            return grad_fn(params, base, inputs, targets, key if use_dropout else None)
+            return grad_fn(params, base, mb, key if use_dropout else None, norm)
 
         params = state["params"]
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         if n_micro == 1:
-            (total, terms), grads = micro_grad(params, batch["inputs"], batch["targets"], key)
+            (total, terms), grads = micro_grad(params, batch, key)
         else:
             micro = split_microbatches(batch, n_micro, mesh)
 
             def body(carry, xs):
                 sums, grad_sum = carry
                 i, mb = xs
-                (total_i, terms_i), grads_i = micro_grad(params, mb["inputs"], mb["targets"],
-                                                         jax.random.fold_in(key, i))
+                (total_i, terms_i), grads_i = micro_grad(params, mb, jax.random.fold_in(key, i))
                 sums = jax.tree_util.tree_map(jnp.add, sums, (total_i, terms_i))
                 return (sums, jax.tree_util.tree_map(jnp.add, grad_sum, grads_i)), None
 
             zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-            zero = jnp.zeros((), jnp.float32)
-            zero_terms = (zero, {name: zero for name in LOSS_TERMS[: 3 if m_cfg.moe_experts else 1]})
+            first = jax.tree_util.tree_map(lambda x: x[0], micro)
+            zero_terms = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                                jax.eval_shape(lambda: micro_grad(params, first, key)[0]))
             # Two microbatches per loop iteration let XLA overlap one's backward with the next one's
             # forward: on 2 CPU cores the shakespeare step went 465-528 -> 431-454 ms (4 and 8 per
             # iteration were slower again: bigger temporaries); neutral at seq 1024.
@@ -193,7 +233,8 @@ def eval_microbatches(cfg: Config, batch_rows: int, n_devices: int) -> int:
 
 def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree, base: PyTree | None = None,
                    base_shardings: PyTree | None = None) -> Callable:
-    """(params, batch) -> summed NLL in nats over the batch's targets (float32).
+    """(params, batch) -> summed NLL in nats over the batch's targets (float32); sft: over the weighted
+    (assistant) targets; dpo: {loss, reward metrics} summed over the batch's pairs.
 
     The batch runs in the train step's microbatches (`train.microbatches`), one after another, so
     evaluation holds the logits of one microbatch at a time ([B/M, T, V] float32), never the whole
@@ -201,20 +242,25 @@ def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree, base: PyTre
     model = Transformer(cfg.model)
 
     def evaluate(params, batch, base):
-        def nll(params, inputs, targets):
+        def nll(params, mb):
+            if cfg.train.objective == "dpo":  # sums over the pairs: the caller divides by their count
+                terms = _terms(cfg, params, base, mb, None, None)
+                n = mb["chosen_inputs"].shape[0]
+                return {k: v * n for k, v in terms.items()}
             if cfg.lora.rank == 0:
-                logits = model.apply({"params": params}, inputs)
+                logits = model.apply({"params": params}, mb["inputs"])
             else:
-                logits = L.apply(cfg.model, base, params, cfg.lora, inputs)
-            total, _ = cross_entropy(logits, targets)
+                logits = L.apply(cfg.model, base, params, cfg.lora, mb["inputs"])
+            total, _ = cross_entropy(logits, mb["targets"], mb["weights"] if cfg.train.objective == "sft" else None)
             return total
 
-        n_micro = eval_microbatches(cfg, batch["inputs"].shape[0], mesh.size)
+        rows = next(iter(batch.values())).shape[0]
+        n_micro = eval_microbatches(cfg, rows, mesh.size)
         if n_micro == 1:
-            return nll(params, batch["inputs"], batch["targets"])
+            return nll(params, batch)
         micro = split_microbatches(batch, n_micro, mesh)
-        totals = jax.lax.map(lambda mb: nll(params, mb["inputs"], mb["targets"]), micro)
-        return jnp.sum(totals)
+        totals = jax.lax.map(lambda mb: nll(params, mb), micro)
+        return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), totals)
 
     jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh), base_shardings),
                      out_shardings=replicated(mesh))
