@@ -3,10 +3,14 @@
 Every error meant for a user (a bad config key, a missing corpus, a corrupt checkpoint) is an
 `AtlasError` whose message is one line naming the file or key, what was wrong and what to do.
 Entry points wrap their main in `run_cli`, which prints that line and exits non-zero with no
-traceback. Anything else is a bug and keeps its traceback.
+traceback. Anything else is a bug and keeps its traceback. Under `run_cli` an argparse mistake (an
+unknown flag or subcommand, a value of the wrong type) is such a line too, not argparse's usage
+block: every parser of the entry point raises `AtlasError` from its `error()`.
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
 import sys
 from typing import Callable
 
@@ -30,10 +34,27 @@ class CheckpointError(AtlasError):
 EXIT_USER_ERROR = 2
 
 
+def _argparse_error(self: argparse.ArgumentParser, message: str):
+    raise AtlasError(f"{self.prog}: {message}; see {self.prog} --help")
+
+
+@contextlib.contextmanager
+def _argparse_errors_as_lines():
+    """argparse's `error()` (usage block + message + exit 2) -> an AtlasError naming the parser and
+    the argument, for every parser made while it is active (subcommand parsers included)."""
+    saved = argparse.ArgumentParser.error
+    argparse.ArgumentParser.error = _argparse_error
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = saved
+
+
 def run_cli(main: Callable[[], int | None]) -> None:
     """Run an entry point: AtlasError -> one line on stderr and exit 2; Ctrl-C -> exit 130."""
     try:
-        code = main()
+        with _argparse_errors_as_lines():
+            code = main()
     except AtlasError as e:
         msg = " ".join(str(e).split("\n"))
         print(f"error: {msg}", file=sys.stderr)

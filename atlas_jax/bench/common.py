@@ -3,6 +3,7 @@ the MFU peak, measurements in child processes (and the params handed to them), t
 config and the progress log."""
 from __future__ import annotations
 
+import argparse
 import concurrent.futures as futures
 import importlib.metadata
 import multiprocessing
@@ -32,6 +33,43 @@ ENV_PREFIXES = ("XLA_", "JAX_", "TF_CPP", "OMP_", "MKL_", "MALLOC_", "TORCH", "C
 
 class BenchError(AtlasError):
     pass
+
+
+# --------------------------------------------------------------------------- flag values
+# argparse `type=` functions: a bad value is argparse's error (one line under run_cli), found before
+# any child process, JAX compile or measurement.
+
+
+def positive_int(text: str) -> int:
+    """A whole number >= 1 (steps, rounds, repetitions, token counts, threads)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number; give one >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma list of whole numbers >= 1, e.g. 1,32."""
+    items = [t.strip() for t in text.split(",")]
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"'{text}' has an empty item; give a comma list such as 1,32")
+    return [positive_int(t) for t in items]
+
+
+def names_from(choices):
+    """A comma list of names, each one of `choices`."""
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",")]
+        unknown = [t for t in items if t not in choices]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; choose from "
+                                             f"{', '.join(choices)} (a comma list)")
+        return items
+    parse.__name__ = "names"
+    return parse
 
 
 # --------------------------------------------------------------------------- the machine

@@ -186,7 +186,7 @@ def _prompts(tok_path: Path, corpus: Path | None, n: int, length: int) -> list[l
 def cmd_decode(args) -> dict:
     from atlas_jax.export.gguf import export_gguf
 
-    batches = [int(x) for x in args.batches.split(",")]
+    batches = args.batches  # checked by the parser, as --ftypes
     reps = args.reps or (1 if args.quick else 3)
     with tempfile.TemporaryDirectory(prefix="atlas-bench-") as tmp:
         tmp = Path(tmp)
@@ -210,7 +210,7 @@ def cmd_decode(args) -> dict:
                        prompts=prompts, batches=batches, new_tokens=new, reps=reps)
         section["frameworks"]["atlas_jax"] = res
         log("  atlas_jax: " + _decode_line(res))
-        for ftype in args.ftypes.split(","):
+        for ftype in args.ftypes:
             path = export_gguf(params, m, tok_path, tmp / f"{ftype}.gguf", ftype)
             res = in_child(decode_llamacpp, path=str(path), prompts=prompts, batches=batches, new_tokens=new,
                            reps=reps, n_threads=threads)

@@ -9,15 +9,11 @@ from atlas_jax.bench.common import BenchError, load_avg, log
 
 def cmd_quality(args) -> dict:
     """Every GGUF type of a trained run against atlas_jax in llama.cpp: size, logits, perplexity."""
-    from atlas_jax.export.gguf import ALL_FTYPES
     from atlas_jax.export.quality import compare_run_with_llamacpp
 
-    if not args.checkpoint:
+    if not args.checkpoint:  # the CLI checks this first (cli.check_inputs); callers in a process may not
         raise BenchError("quality: pass --checkpoint RUN_DIR (a trained run: quality of random weights means little)")
-    ftypes = args.ftypes.split(",")
-    unknown = [f for f in ftypes if f.removesuffix("-rtn") not in ALL_FTYPES]
-    if unknown:
-        raise BenchError(f"--ftypes: unknown {', '.join(unknown)}; choose from {', '.join(ALL_FTYPES)} (and q4_0-rtn)")
+    ftypes = list(args.ftypes)  # checked by the parser (common.names_from)
     section = {"checkpoint": args.checkpoint, "n_windows": args.windows, "load_avg_start": load_avg()}
     log(f"quality: {args.checkpoint}, {', '.join(ftypes)} on {args.windows} validation windows")
     with tempfile.TemporaryDirectory(prefix="atlas-quality-") as tmp:

@@ -3,11 +3,132 @@ markdown tables between the `bench:begin/end` markers, and the scaling plot."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
-from atlas_jax.bench.common import machine, versions
+from atlas_jax.bench.common import BenchError, machine, versions
 
 MARK_BEGIN, MARK_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+SECTIONS = ("train", "decode", "scaling", "quality")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------- output files, checked first
+
+
+def _check_place(path: Path, flag: str, suffix: str) -> None:
+    """`path` names a `suffix` file (not a directory) in an existing directory that takes new files."""
+    if path.is_dir():
+        raise BenchError(f"{flag} {path}: is a directory; give a file name, e.g. {flag} {path / ('bench' + suffix)}")
+    if path.suffix != suffix:
+        raise BenchError(f"{flag} {path}: not a {suffix} name; give a file ending in {suffix}")
+    parent = path.parent
+    if not parent.exists():
+        raise BenchError(f"{flag} {path}: the directory {parent} does not exist; create it or choose another {flag}")
+    if not parent.is_dir():
+        raise BenchError(f"{flag} {path}: {parent} is not a directory; choose another {flag}")
+    try:  # what writing will do: a new file beside it (the temporary that is renamed)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{path.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise BenchError(f"{flag} {path}: cannot write in {parent} ({e.strerror or type(e).__name__}); "
+                         f"fix its permissions or choose another {flag}") from None
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BenchError(f"{flag} {path}: the file is not UTF-8 text (byte {e.start}); it is not a bench "
+                         f"file, choose another {flag}") from None
+    except OSError as e:
+        raise BenchError(f"{flag} {path}: cannot read it ({e.strerror or type(e).__name__})") from None
+
+
+def read_results(out: Path, flag: str = "--out") -> dict:
+    """The results already in `out` ({} when it is new); a file that is not bench results is refused,
+    never replaced (results merge into --out)."""
+    if not out.exists():
+        return {}
+    if not out.is_file():
+        raise BenchError(f"{flag} {out}: not a regular file; choose another {flag}")
+    text = _read_text(out, flag)
+    try:
+        data = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as e:
+        raise BenchError(f"{flag} {out}: exists and is not JSON (line {e.lineno}: {e.msg}), so not bench results; "
+                         f"results merge into --out and never replace another file: choose another {flag}") from None
+    # bench results are an object of sections (machine, versions, one per subcommand), each an object
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise BenchError(f"{flag} {out}: exists and holds no bench results (a JSON object of sections such as "
+                         f"machine, {', '.join(SECTIONS)}); results merge into --out and never replace another "
+                         f"file: choose another {flag}")
+    return data
+
+
+def _check_markers(text: str, md: Path, flag: str) -> None:
+    begin, end = text.count(MARK_BEGIN), text.count(MARK_END)
+    if (begin, end) not in ((0, 0), (1, 1)) or (begin and text.index(MARK_BEGIN) > text.index(MARK_END)):
+        raise BenchError(f"{flag} {md}: holds {begin} '{MARK_BEGIN}' and {end} '{MARK_END}' markers (or out of "
+                         f"order); the tables go between one pair: fix the markers or choose another {flag}")
+
+
+def check_outputs(out: Path, md: Path, md_given: bool = True) -> None:
+    """--out and --md, before anything is measured: each a file name of its kind in a writable
+    directory; an existing --out must hold bench results, an existing --md must be UTF-8 with at
+    most one pair of markers; and they are two files."""
+    _check_place(out, "--out", ".json")
+    md_flag = "--md" if md_given else "--md (default, --out with .md)"
+    _check_place(md, md_flag, ".md")
+    if out.resolve() == md.resolve():
+        raise BenchError(f"--md {md}: is the --out file; give two files")
+    read_results(out)
+    if md.exists():
+        if not md.is_file():
+            raise BenchError(f"{md_flag} {md}: not a regular file; choose another --md")
+        _check_markers(_read_text(md, md_flag), md, md_flag)
+
+
+def check_png(png: Path, flag: str = "--png") -> None:
+    """The scaling plot: a .png name in a writable directory; an existing file is replaced only when it
+    is a PNG (an earlier plot)."""
+    _check_place(png, flag, ".png")
+    if png.exists():
+        try:
+            with open(png, "rb") as f:
+                is_png = png.is_file() and f.read(len(PNG_MAGIC)) == PNG_MAGIC
+        except OSError:
+            is_png = False
+        if not is_png:
+            raise BenchError(f"{flag} {png}: exists and is not a PNG image; it is never replaced, "
+                             f"choose another {flag}")
+
+
+def _file_mode(path: Path) -> int:
+    """The mode a replaced file keeps, or a new file's (0666 less the umask; mkstemp would give 0600)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _write_atomic(path: Path, data: bytes) -> Path:
+    """`data` into a temporary beside `path` (fsynced); returns it, to be renamed over `path`."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _file_mode(path))
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)
 
 
 def plot_scaling(section: dict, png: Path) -> None:
@@ -40,9 +161,17 @@ def plot_scaling(section: dict, png: Path) -> None:
         if ax.lines:
             ax.legend()
     fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=120)
-    plt.close(fig)
+    fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{png.name}.", suffix=".png")
+    os.fchmod(fd, _file_mode(png))
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, png)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise BenchError(f"--png {png}: writing the plot failed ({e.strerror or e}); nothing was replaced") from None
+    finally:
+        plt.close(fig)
 
 
 # --------------------------------------------------------------------------- markdown and JSON
@@ -162,23 +291,31 @@ def render_markdown(data: dict) -> str:
 
 
 def write_outputs(section_name: str, section: dict, out: Path, md: Path) -> dict:
-    data = {}
-    if out.is_file():
-        try:
-            data = json.loads(out.read_text())
-        except json.JSONDecodeError:
-            data = {}
+    """Merge `section` into --out and re-render --md's marked block. Both are checked again (the files
+    may have changed during the run), both written to temporaries, then renamed: a failure leaves
+    both files as they were."""
+    check_outputs(out, md)
+    data = read_results(out)
     data.update({"machine": machine(), "versions": versions(), section_name: section})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1, default=float) + "\n")
     table = render_markdown(data)
     note = f"<!-- written by scripts/bench.py from {out.name}; edits between the markers are replaced -->"
     block = f"{MARK_BEGIN}\n{note}\n\n{table}\n{MARK_END}"
-    text = md.read_text() if md.is_file() else "# Benchmarks\n\n"
+    text = _read_text(md, "--md") if md.is_file() else "# Benchmarks\n\n"
     if MARK_BEGIN in text and MARK_END in text:
         text = text[:text.index(MARK_BEGIN)] + block + text[text.index(MARK_END) + len(MARK_END):]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text(text)
+    temps = []
+    try:
+        temps.append((_write_atomic(out, (json.dumps(data, indent=1, default=float) + "\n").encode()), out))
+        temps.append((_write_atomic(md, text.encode("utf-8")), md))
+        for tmp, final in temps:
+            os.replace(tmp, final)
+    except OSError as e:
+        done = [str(final) for tmp, final in temps if not tmp.exists()]  # renamed already
+        for tmp, _ in temps:
+            tmp.unlink(missing_ok=True)
+        raise BenchError(f"--out {out}: writing the results failed ({e.strerror or e}); "
+                         + (f"only {done[0]} was updated" if done else f"{out} and {md} are as they were")
+                         + "; free space or fix permissions and run the benchmark again") from None
     return data

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
-from atlas_jax.bench.common import (REPO, SHAKESPEARE, TINY, bench_config, in_child, load_avg, log, meminfo_kib,
-                                    model_summary, peak_flops)
-from atlas_jax.bench.report import plot_scaling
+from atlas_jax.bench.common import (REPO, SHAKESPEARE, TINY, BenchError, bench_config, in_child, load_avg, log,
+                                    meminfo_kib, model_summary, peak_flops)
+from atlas_jax.bench.report import check_png, plot_scaling
 from atlas_jax.bench.train import summarize_train, torch_device, train_atlas_jax, train_torch, with_microbatches
 
 SIZES = {"tiny": TINY, "shakespeare": SHAKESPEARE, "124M": REPO / "configs" / "gpt2-124m.yaml"}
@@ -64,15 +64,38 @@ def _fits_in_memory(cfg) -> tuple[bool, str]:
     return need < 0.8 * avail, f"needs ~{need / 2**30:.1f} GiB, {avail / 2**30:.1f} GiB available"
 
 
+def scaling_configs(args) -> list[tuple[str, Path]]:
+    """(name, YAML path) of each --sizes entry, each read once now: a name that is neither a size nor
+    a file, or a bad YAML, is one line before any measurement. A known size whose config is missing
+    from the tree is kept (recorded as skipped)."""
+    given = args.sizes or ("tiny,shakespeare" if args.quick else "tiny,shakespeare,124M")
+    names = [n.strip() for n in given.split(",")]
+    out = []
+    for name in names:
+        if not name:
+            raise BenchError(f"--sizes {args.sizes}: an empty item; give a comma list of {', '.join(SIZES)} "
+                             f"or YAML paths")
+        path = SIZES.get(name, Path(name))
+        if name not in SIZES and not path.is_file():
+            raise BenchError(f"--sizes: '{name}' is no size ({', '.join(SIZES)}) and no YAML file; "
+                             f"give one of those or a config path")
+        if path.is_file():
+            bench_config(argparse.Namespace(**{**vars(args), "config": str(path), "overrides": []}))
+        out.append((name, path))
+    return out
+
+
 def cmd_scaling(args) -> dict:
     import jax
 
     cpu = jax.default_backend() == "cpu"
     steps, warmup = args.steps or (2 if args.quick else 5), args.warmup or 1
-    peak, peak_src = peak_flops(args.quick)
-    seq_lens = [int(x) for x in (args.seq_lens or ("32,64" if args.quick else "256,512,1024,2048")).split(",")]
+    seq_lens = args.seq_lens or ([32, 64] if args.quick else [256, 512, 1024, 2048])  # checked by the parser
     tokens = args.tokens_per_step or (256 if args.quick else 8192)
-    sizes = (args.sizes or ("tiny,shakespeare" if args.quick else "tiny,shakespeare,124M")).split(",")
+    sizes = scaling_configs(args)
+    png = Path(args.png) if args.png else Path(args.out).with_name("scaling.png")
+    check_png(png, "--png" if args.png else f"--png (default, beside --out {args.out})")
+    peak, peak_src = peak_flops(args.quick)
     with_torch = (not args.quick) if args.torch is None else args.torch
     # model.attention=auto: the grouped einsums on CPU, cuDNN on a GPU in bf16.
     dtype = [f"model.compute_dtype={'float32' if cpu else 'bfloat16'}", "model.attention=auto"]
@@ -80,7 +103,8 @@ def cmd_scaling(args) -> dict:
     section = {"seq_config": source, "tokens_per_step": tokens, "torch_eager": with_torch, "steps": steps,
                "warmup": warmup, "peak_flops": peak, "peak_source": peak_src, "dtype": dtype,
                "load_avg_start": load_avg(), "seq_len": [], "params": []}
-    log(f"scaling: {tokens} tokens per step; seq lengths {seq_lens} ({source or 'flags'}); sizes {sizes}")
+    log(f"scaling: {tokens} tokens per step; seq lengths {seq_lens} ({source or 'flags'}); "
+        f"sizes {[name for name, _ in sizes]}")
     for t in seq_lens:
         if tokens % t:
             section["seq_len"].append({"seq_len": t, "skipped": f"{t} does not divide --tokens-per-step"})
@@ -91,8 +115,7 @@ def cmd_scaling(args) -> dict:
         section["seq_len"].append(point)
         log(f"  seq {t}: " + _point_line(point))
     t = seq_lens[0] if args.quick else 256
-    for name in sizes:
-        path = SIZES.get(name, Path(name))
+    for name, path in sizes:
         if not path.is_file():
             section["params"].append({"name": name, "skipped": f"{path}: no such config"})
             continue
@@ -116,7 +139,6 @@ def cmd_scaling(args) -> dict:
         section["params"].append(point)
         log(f"  {name}: " + _point_line(point))
     section["load_avg_end"] = load_avg()
-    png = Path(args.png) if args.png else Path(args.out).with_name("scaling.png")
     plot_scaling(section, png)
     section["png"] = str(png.relative_to(REPO)) if png.resolve().is_relative_to(REPO) else str(png)
     return section

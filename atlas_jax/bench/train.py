@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atlas_jax.bench.common import (BenchError, bench_config, flat_params, in_child, load_avg, log, model_summary,
+from atlas_jax.bench.common import (bench_config, flat_params, in_child, load_avg, log, model_summary,
                                     nested_params, peak_flops, record_memory, rss_mib)
 
 FRAMEWORKS = ("atlas_jax", "torch_eager", "torch_compile")
@@ -153,10 +153,7 @@ def cmd_train(args) -> dict:
     cfg, source = bench_config(args)
     b, t = cfg.train.batch_size, cfg.data.seq_len
     steps, warmup = args.steps or (3 if args.quick else 10), args.warmup or (1 if args.quick else 2)
-    frameworks = args.frameworks.split(",")
-    unknown = set(frameworks) - set(FRAMEWORKS)
-    if unknown:
-        raise BenchError(f"--frameworks: unknown {', '.join(sorted(unknown))}; choose from {', '.join(FRAMEWORKS)}")
+    frameworks = args.frameworks  # checked by the parser (common.names_from)
     peak, peak_src = peak_flops(args.quick)
     flops_tok = flops_per_token(cfg.model, t)
     section = {"config": source, "model": model_summary(cfg), "batch_size": b, "seq_len": t,

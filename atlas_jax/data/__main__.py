@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     if args.workers < 1:
         raise ConfigError(f"--workers must be positive, got {args.workers}")
+    if args.split_seed < 0:  # numpy's generators take no negative seed
+        raise ConfigError(f"--split-seed must be 0 or more, got {args.split_seed}")
     from atlas_jax.data.corpora import resolve_sources
 
     resolve_sources(args.input, "--input")  # named by its flag here; prepare() names data.sources

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlas_jax.errors import DataError
+from atlas_jax.files import writable_dir
 
 SOURCE_SUFFIXES = (".txt", ".jsonl")
 
@@ -39,6 +40,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATLAS_CACHE") or "~/.cache/atlas").expanduser()
 
 
+def _writable_cache(path: Path) -> None:
+    """The cache directory of `path`, checked before anything is downloaded or copied into it: a file
+    in its place, a parent that is a file, a read-only place are one line naming ATLAS_CACHE."""
+    what = ("ATLAS_CACHE" if os.environ.get("ATLAS_CACHE")
+            else "the corpus cache (ATLAS_CACHE unset; set it to move the cache)")
+    writable_dir(path.parent.parent, what)
+    writable_dir(path.parent, f"{what} (its corpora/)")
+
+
 def corpus_path(name: str) -> Path:
     return cache_dir() / "corpora" / _corpus(name).filename
 
@@ -57,11 +67,11 @@ def _corpus(name: str) -> Corpus:
     return CORPORA[name]
 
 
-def _check(path: Path, corpus: Corpus, what: str) -> None:
+def _check(path: Path, corpus: Corpus, what: str, fix: str | None = None) -> None:
     actual = sha256_file(path)
     if actual != corpus.sha256:
         raise DataError(f"{path}: {what} has sha256 {actual}, expected {corpus.sha256}; "
-                        f"delete it and copy the original from {corpus.url} there")
+                        f"{fix or f'delete it and copy the original from {corpus.url} there'}")
 
 
 def fetch(name: str) -> Path:
@@ -71,7 +81,7 @@ def fetch(name: str) -> Path:
     if path.is_file():
         _check(path, corpus, f"cached corpus '{name}'")
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _writable_cache(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
     try:
         with urllib.request.urlopen(corpus.url, timeout=60) as response, open(tmp, "wb") as f:
@@ -94,16 +104,27 @@ def seed_cache(name: str, local_path: str | Path) -> Path:
     """Copy a local copy of a known corpus into the cache (checksum verified) so nothing downloads."""
     corpus = _corpus(name)
     local_path = Path(local_path)
+    if local_path.is_dir():
+        raise DataError(f"{local_path}: is a directory; give the file of '{name}' ({corpus.filename})")
     if not local_path.is_file():
         raise DataError(f"{local_path}: file not found; cannot seed the cache for '{name}'")
-    _check(local_path, corpus, f"copy of '{name}'")
+    try:
+        _check(local_path, corpus, f"copy of '{name}'",
+               fix=f"it is not the original '{name}': give a copy of {corpus.url}")
+    except OSError as e:
+        raise DataError(f"{local_path}: cannot read it ({e.strerror or type(e).__name__})") from None
     path = corpus_path(name)
     if path.is_file() and sha256_file(path) == corpus.sha256:
         return path  # already seeded: leave it (and its mtime, which prepared shards fingerprint) alone
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _writable_cache(path)
     tmp = path.with_name(f"{path.name}.{os.getpid()}.part")
-    shutil.copyfile(local_path, tmp)
-    tmp.replace(path)
+    try:
+        shutil.copyfile(local_path, tmp)
+        tmp.replace(path)
+    except OSError as e:  # a full disk: the cache keeps what it had, no partial file
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"{path}: copying '{name}' into the cache failed ({e.strerror or type(e).__name__}); "
+                        f"free space or set ATLAS_CACHE to another place") from None
     return path
 
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,9 +27,10 @@ def _env():
     return env
 
 
-def run(module: str, *args, stdin: bytes | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def run(module: str, *args, stdin: bytes | None = None, timeout: int = 300,
+        env: dict | None = None) -> subprocess.CompletedProcess:
     argv = [a if isinstance(a, bytes) else os.fsencode(str(a)) for a in args]  # bytes: raw, possibly not UTF-8
-    return subprocess.run([sys.executable, "-m", module, *argv], env=_env(), cwd=REPO,
+    return subprocess.run([sys.executable, "-m", module, *argv], env={**_env(), **(env or {})}, cwd=REPO,
                           input=stdin if stdin is not None else b"", capture_output=True, timeout=timeout)
 
 
@@ -177,6 +180,107 @@ def test_tokenizer_vocab_size_out_of_range_is_atlas_own_message(tmp_path):
     assert not (tmp_path / "t").exists()
 
 
+# --------------------------------------------------------------------------- the tokenizer and data CLIs
+
+
+def _inputs(tmp_path: Path) -> dict[str, Path]:
+    """Bad inputs for the tokenizer and data CLIs: a directory without text, a Latin-1 file, an empty
+    file, a file, and a copy of tinyshakespeare with one byte more."""
+    d = tmp_path / "inputs"
+    (d / "no_text").mkdir(parents=True)
+    (d / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
+    (d / "empty.txt").write_bytes(b"")
+    (d / "a_file").write_text("x")
+    (d / "shakespeare-plus.txt").write_bytes(
+        (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").read_bytes() + b"!")
+    return {p.name: p for p in d.iterdir()}
+
+
+# case -> (module, arguments ({name} is a path of _inputs, {tmp} the test's tmp dir), substrings of the line)
+CLI_CASES = {
+    "tokenizer-unknown-subcommand": ("atlas_jax.tokenizer", ["fit"], ["invalid choice: 'fit'", "--help"]),
+    "tokenizer-unknown-flag": ("atlas_jax.tokenizer", ["train", "--input", "tinyshakespeare", "--vocab-size", "512",
+                                                       "--out", "{tmp}/t", "--lowercase"], ["--lowercase"]),
+    "tokenizer-vocab-size-not-a-number": ("atlas_jax.tokenizer", ["train", "--input", "tinyshakespeare",
+                                                                  "--vocab-size", "lots", "--out", "{tmp}/t"],
+                                          ["--vocab-size", "'lots'"]),
+    "tokenizer-input-dir-without-text": ("atlas_jax.tokenizer", ["train", "--input", "{no_text}", "--vocab-size",
+                                                                 "512", "--out", "{tmp}/t"],
+                                         ["--input", "no_text", "no .txt or .jsonl"]),
+    "tokenizer-input-not-utf8": ("atlas_jax.tokenizer", ["train", "--input", "{latin1.txt}", "--vocab-size", "512",
+                                                         "--out", "{tmp}/t"], ["latin1.txt", "UTF-8", "offset 3"]),
+    "tokenizer-input-empty": ("atlas_jax.tokenizer", ["train", "--input", "{empty.txt}", "--vocab-size", "512",
+                                                      "--out", "{tmp}/t"], ["no text"]),
+    "tokenizer-input-missing": ("atlas_jax.tokenizer", ["train", "--input", "{tmp}/nothing.txt", "--vocab-size",
+                                                        "512", "--out", "{tmp}/t"], ["--input", "nothing.txt"]),
+    "tokenizer-out-under-a-file": ("atlas_jax.tokenizer", ["train", "--input", "tinyshakespeare", "--vocab-size",
+                                                           "512", "--out", "{a_file}/t"], ["--out", "is a file"]),
+    "data-unknown-subcommand": ("atlas_jax.data", ["stats"], ["invalid choice: 'stats'"]),
+    "data-prepare-workers-not-a-number": ("atlas_jax.data", ["prepare", "--input", "tinyshakespeare", "--out",
+                                                             "{tmp}/d", "--workers", "two"], ["--workers", "'two'"]),
+    "data-prepare-negative-split-seed": ("atlas_jax.data", ["prepare", "--input", "tinyshakespeare", "--out",
+                                                            "{tmp}/d", "--vocab-size", "512", "--doc-separator",
+                                                            "\\n\\n", "--split-seed", "-1"], ["--split-seed", "-1"]),
+    "data-seed-missing-arguments": ("atlas_jax.data", ["seed"], ["required: name, path"]),
+    "data-seed-unknown-corpus": ("atlas_jax.data", ["seed", "tinystories", "{shakespeare-plus.txt}"],
+                                 ["'tinystories' is not a known corpus"]),
+    "data-seed-missing-file": ("atlas_jax.data", ["seed", "tinyshakespeare", "{tmp}/nothing.txt"],
+                               ["nothing.txt", "not found"]),
+    "data-seed-a-directory": ("atlas_jax.data", ["seed", "tinyshakespeare", "{no_text}"], ["no_text", "directory"]),
+    "data-seed-wrong-file": ("atlas_jax.data", ["seed", "tinyshakespeare", "{shakespeare-plus.txt}"],
+                             ["shakespeare-plus.txt", "sha256", "not the original"]),
+    "train-unknown-flag": ("atlas_jax.train", ["--config", "configs/tiny.yaml", "--resume"], ["--resume"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CLI_CASES))
+def test_tokenizer_and_data_cli_faults_are_one_line(case, tmp_path):
+    module, args, needles = CLI_CASES[case]
+    paths = {**_inputs(tmp_path), "tmp": tmp_path}
+    before = checksums(tmp_path)
+    argv = []
+    for a in args:
+        for name, path in paths.items():
+            a = a.replace("{" + name + "}", str(path))
+        argv.append(a)
+    assert_fault(run(module, *argv), *needles)
+    assert checksums(tmp_path) == before  # no file written, changed or removed
+    # `tokenizer train` makes --out before it reads the input, and leaves it (empty) when the input is bad
+    assert not (tmp_path / "d").exists() and not ((tmp_path / "t").exists() and any((tmp_path / "t").iterdir()))
+
+
+@pytest.mark.parametrize("cache", ["a-file", "under-a-file", "read-only"])
+def test_an_unusable_corpus_cache_is_one_line_naming_atlas_cache(tmp_path, shakespeare_path, cache):
+    """`data seed` and `data prepare` of a corpus name write into $ATLAS_CACHE: a file there, a parent
+    that is a file or a read-only directory is found before anything is copied or downloaded."""
+    place = tmp_path / "cache"
+    if cache == "a-file":
+        place.write_text("not a directory")
+    elif cache == "under-a-file":
+        (tmp_path / "file").write_text("x")
+        place = tmp_path / "file" / "cache"
+    else:
+        place.mkdir()
+    before = checksums(tmp_path)
+    with read_only(place) if cache == "read-only" else contextlib.nullcontext():
+        seed = run("atlas_jax.data", "seed", "tinyshakespeare", shakespeare_path, env={"ATLAS_CACHE": str(place)})
+        prepare = run("atlas_jax.data", "prepare", "--input", "tinyshakespeare", "--out", tmp_path / "d",
+                      "--vocab-size", "512", env={"ATLAS_CACHE": str(place)})
+    for proc in (seed, prepare):
+        assert_fault(proc, f"ATLAS_CACHE={place}")
+    assert checksums(tmp_path) == before and not (tmp_path / "d").exists()
+
+
+def test_tokenizer_out_inside_a_read_only_dir(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    with read_only(ro):
+        for out in (ro, ro / "tok"):
+            assert_fault(run("atlas_jax.tokenizer", "train", "--input", "tinyshakespeare", "--vocab-size", "512",
+                             "--out", out), "--out", str(out))
+    assert not any(ro.iterdir())
+
+
 # --------------------------------------------------------------------------- checkpoints, generation
 
 
@@ -208,3 +312,131 @@ def test_generate_refuses_bad_prompts_and_sampling_values(unchanged, args, stdin
 def test_unreachable_tracking_uri_is_one_line_before_anything_is_written(unchanged, run_args):
     assert_fault(run("atlas_jax.train", *run_args, f"train.run_dir={unchanged}", "train.steps=8",
                      "train.tracking=mlflow", "train.tracking_uri=http://127.0.0.1:9"), "train.tracking_uri")
+
+
+# --------------------------------------------------------------------------- a save that fails mid-run
+
+# `python -m atlas_jax.train ARGS` with one addition: after each checkpoint save returns or raises (the
+# real orbax save, into the real directory), the trainer touches SYNC/saved-<step> and waits for
+# SYNC/go-<step>. That pause is the test's moment to make checkpoints/ unwritable or writable again
+# before the next save: deterministic, where a watcher racing the trainer is not.
+_PAUSING_TRAINER = r"""
+import sys, time
+from pathlib import Path
+import jax
+import atlas_jax.checkpoint as ckpt
+from atlas_jax.errors import run_cli
+from atlas_jax.train import main
+
+sync = Path(sys.argv.pop(1))
+real_save = ckpt.save
+
+def save(manager, state, *args, **kwargs):
+    step = int(jax.device_get(state["step"]))
+    try:
+        return real_save(manager, state, *args, **kwargs)
+    finally:
+        (sync / f"saved-{step}").touch()
+        deadline = time.monotonic() + 600
+        while not (sync / f"go-{step}").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+ckpt.save = save
+run_cli(lambda: main(sys.argv[1:]))
+"""
+
+
+def _set_immutable(path: Path, on: bool) -> None:
+    proc = subprocess.run(["chattr", "+i" if on else "-i", str(path)], capture_output=True)
+    if proc.returncode != 0:
+        pytest.fail(f"chattr on {path} failed: {proc.stderr.decode()}")
+
+
+def test_a_save_that_fails_mid_run_warns_trains_on_and_the_final_one_is_one_line(tmp_path, run_args):
+    """checkpoints/ unwritable after the save of step 4: the save of step 8 warns (naming checkpoints/4)
+    and training goes on; writable again, step 12 saves; unwritable again, the final save (step 16) is
+    one error line naming checkpoints/12, which stays intact and resumes."""
+    run_dir, sync = tmp_path / "run", tmp_path / "sync"
+    sync.mkdir()
+    ckpts = run_dir / "checkpoints"
+    args = [*run_args, f"train.run_dir={run_dir}", "train.steps=16", "train.keep=3"]
+    # before the trainer goes on past save <step>: make checkpoints/ unwritable (True) or writable (False)
+    immutable_after = {4: True, 8: False, 12: True, 16: False}
+    kept = {}
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSING_TRAINER, str(sync), *args], env=_env(), cwd=REPO,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            for step, immutable in immutable_after.items():
+                while not (sync / f"saved-{step}").exists():
+                    assert proc.poll() is None, f"trainer exited {proc.returncode} before the save of step {step}: " \
+                                                f"{(tmp_path / 'stderr').read_text()[-3000:]}"
+                    time.sleep(0.02)
+                if step == 12:
+                    assert (ckpts / "12").is_dir(), "the save of step 12 (checkpoints/ writable again) failed"
+                    kept = checksums(ckpts / "12")
+                _set_immutable(ckpts, immutable)
+                (sync / f"go-{step}").touch()
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            _set_immutable(ckpts, False)
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err, err
+    assert proc.returncode == 2, f"exit {proc.returncode}, stderr: {err[-3000:]}"
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    warnings = [ln for ln in lines if ln.startswith("warning:")]
+    assert len(warnings) == 1, f"expected one warning (the save of step 8), got: {warnings}"
+    assert "step 8" in warnings[0] and f"the last good checkpoint is {ckpts / '4'}" in warnings[0] \
+        and "training goes on" in warnings[0], warnings[0]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert errors == [lines[-1]], f"expected one error line, the last one, got: {lines}"
+    for needle in ("step 16", f"the last good checkpoint is {ckpts / '12'}", "run the same command to resume"):
+        assert needle in errors[0], f"{needle!r} not in {errors[0]!r}"
+    logged = {r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
+    assert {10, 12, 14, 16} <= logged, f"training did not go on after the failed save: steps {sorted(logged)}"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["12", "4"], "a failed save left something in checkpoints/"
+    assert checksums(ckpts / "12") == kept, "the last good checkpoint changed"
+
+    resumed = run("atlas_jax.train", *args)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-3000:]
+    assert f"resumed from {ckpts / '12'}" in resumed.stderr.decode(), resumed.stderr.decode()[-3000:]
+    assert (ckpts / "16").is_dir()
+
+
+def test_a_save_whose_removal_of_an_older_checkpoint_fails_is_still_a_save(tmp_path, run_args):
+    """train.keep=1: the save of step 8 writes checkpoints/8, then orbax removes checkpoints/4, which
+    cannot be removed (made immutable after its save). Step 8 is saved and complete, so the run ends
+    normally (a warning may name checkpoints/4), not with a failed save naming checkpoints/8 as the
+    last good checkpoint, and checkpoints/8 loads."""
+    from atlas_jax.checkpoint import find_checkpoint, load_for_inference
+
+    run_dir, sync = tmp_path / "run", tmp_path / "sync"
+    sync.mkdir()
+    ckpts = run_dir / "checkpoints"
+    args = [*run_args, f"train.run_dir={run_dir}", "train.steps=8", "train.keep=1"]
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _PAUSING_TRAINER, str(sync), *args], env=_env(), cwd=REPO,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            for step, immutable in ((4, True), (8, False)):
+                while not (sync / f"saved-{step}").exists():
+                    assert proc.poll() is None, f"trainer exited {proc.returncode} before the save of step {step}: " \
+                                                f"{(tmp_path / 'stderr').read_text()[-3000:]}"
+                    time.sleep(0.02)
+                _set_immutable(ckpts / "4", immutable)
+                (sync / f"go-{step}").touch()
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            _set_immutable(ckpts / "4", False)
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err, err
+    assert proc.returncode == 0 and "error:" not in err, f"exit {proc.returncode}, stderr: {err[-3000:]}"
+    assert find_checkpoint(run_dir)[1] == ckpts / "8"
+    params, _, _ = load_for_inference(run_dir)
+    assert params
