@@ -4,12 +4,16 @@
     python -m atlas_jax.generate --checkpoint runs/shakespeare --prompts-file prompts.txt --jsonl
     echo "JULIET:" | python -m atlas_jax.generate --checkpoint runs/shakespeare/checkpoints/2000
     python -m atlas_jax.generate --checkpoint runs/shakespeare --interactive
+    python -m atlas_jax.generate --checkpoint runs/shakespeare-sft --chat --prompt "Continue ROMEO's speech: But soft!"
 
 Sampling defaults come from the checkpoint's config (sample.*); each flag overrides its namesake.
 A prompt is its text's tokens, without BOS (training documents carry no BOS, only a trailing EOS);
 a row stops at EOS or after --max-new-tokens. A --prompts-file holds one prompt per line; stdin
 (when neither --prompt nor --prompts-file is given) is one prompt. Prompt i, sample j draws with
 fold_in(fold_in(key(seed), i), j), so streaming and --jsonl print the same samples.
+--chat: each prompt is a user message, rendered with the run's chat template (the one it was
+fine-tuned with, <run>/chat_template.jinja, or --chat-template) with the assistant's turn opened,
+and only the reply is printed; that rendered text is what llama.cpp's chat completion sees too.
 """
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, help="sample.top_p (1 disables)")
     p.add_argument("--seed", type=int, help="sample.seed")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
+    p.add_argument("--chat", action="store_true", help="prompts are user messages in the run's chat template")
+    p.add_argument("--chat-template", help="with --chat: a built-in (chatml) or .jinja file instead of the run's")
     p.add_argument("--jsonl", action="store_true",
                    help="print one JSON object per sample: {prompt, completion, tokens, tokens_per_s}")
     return p.parse_args(argv)
@@ -115,8 +121,27 @@ class Session:
         self.sample_cfg = dataclasses.replace(cfg.sample, **{k: v for k, v in flags.items() if v is not None})
         check_sample_config(self.sample_cfg)
         self.num_samples = args.num_samples
+        self.template = None
+        if args.chat or args.chat_template:
+            from atlas_jax.checkpoint import find_checkpoint
+            from atlas_jax.finetune.templates import load_template, run_template
+
+            if args.chat_template:
+                self.template = load_template(args.chat_template)
+            else:
+                self.template = run_template(find_checkpoint(args.checkpoint)[0])
+                if self.template is None:
+                    raise AtlasError(f"{args.checkpoint}: --chat, but the run has no chat template (it was not "
+                                     f"fine-tuned with train.objective=sft/dpo); name one with --chat-template chatml")
         self.key = jax.random.key(self.sample_cfg.seed)
         self.tty = sys.stdout.isatty()
+
+    def encode(self, prompt: str) -> list[int]:
+        """The prompt's tokens: its text, or with --chat the rendered user turn + the opened assistant turn."""
+        if self.template is None:
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode(self.template.render([{"role": "user", "content": prompt}],
+                                                          add_generation_prompt=True))
 
     def run(self, prompt: str, prompt_index: int, jsonl: bool) -> np.ndarray:
         """Print every sample of one prompt -> the speed totals of `run_stream` (zeros for --jsonl)."""
@@ -130,7 +155,7 @@ class Session:
         """Every sample of one prompt in one batch (row j draws with fold_in(prompt key, j)) -> a dict each."""
         from atlas_jax.sample import generate
 
-        ids = self.tokenizer.encode(prompt)
+        ids = self.encode(prompt)
         start = time.perf_counter()
         tokens_BxN, lengths_B = generate(
             self.params, [ids] * self.num_samples, jax.random.fold_in(self.key, prompt_index), self.sample_cfg,
@@ -150,7 +175,7 @@ class Session:
         """
         from atlas_jax.sample import stream
 
-        ids = self.tokenizer.encode(prompt)
+        ids = self.encode(prompt)
         prompt_key = jax.random.fold_in(self.key, prompt_index)
         totals = np.zeros(4)
         for j in range(self.num_samples):
@@ -160,7 +185,8 @@ class Session:
             key = jax.random.fold_in(prompt_key, j)[None]  # the key of row j in run_jsonl's batch
             steps = stream(self.params, [ids], key, self.sample_cfg, self.model_cfg,
                            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)  # checks before printing
-            sys.stdout.write(f"{BOLD}{prompt}{RESET}" if self.tty else prompt)
+            if self.template is None:  # a continuation follows its prompt; a chat reply stands alone
+                sys.stdout.write(f"{BOLD}{prompt}{RESET}" if self.tty else prompt)
             sys.stdout.flush()
             text = TextStream(self.tokenizer)
             n = 0

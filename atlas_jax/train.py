@@ -296,10 +296,15 @@ def _save(manager, state, it, cfg: Config, val_loss, run_dir: Path, final: bool)
         return True
     except Exception as e:  # a full disk, a directory made read-only under us, ...
         latest = manager.latest_step()
-        good = (f"the last good checkpoint is {run_dir / ckpt.CHECKPOINTS / str(latest)}" if latest is not None
-                else "no checkpoint has been saved yet")
         step = int(jax.device_get(state["step"]))
         why = " ".join(str(e).split())[:200] or type(e).__name__
+        if latest == step and (run_dir / ckpt.CHECKPOINTS / str(step)).is_dir():
+            # orbax puts the new checkpoint in place before it removes the ones past train.keep
+            _log(f"warning: saved {run_dir / ckpt.CHECKPOINTS / str(step)}, but could not remove an older "
+                 f"checkpoint past train.keep={cfg.train.keep} ({why}); remove it by hand or fix its permissions")
+            return True
+        good = (f"the last good checkpoint is {run_dir / ckpt.CHECKPOINTS / str(latest)}" if latest is not None
+                else "no checkpoint has been saved yet")
         if final:
             raise AtlasError(f"{run_dir / ckpt.CHECKPOINTS}: could not save the checkpoint of step {step} ({why}); "
                              f"{good}; free space or fix permissions and run the same command to resume") from None

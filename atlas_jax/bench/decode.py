@@ -150,9 +150,9 @@ def _tokenizer_and_params(args, cfg, tmp: Path):
     """(params as numpy, resolved Config, tokenizer path): a trained run, or random params and a
     tokenizer trained here on the corpus (speed does not depend on the weights)."""
     if args.checkpoint:
-        from atlas_jax.checkpoint import load_for_inference
+        from atlas_jax.init_from import load_model
 
-        params, run_cfg, tok_path = load_for_inference(args.checkpoint)
+        params, run_cfg, tok_path = load_model(args.checkpoint)
         return params, run_cfg, tok_path
     import jax
 
