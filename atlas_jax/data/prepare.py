@@ -14,9 +14,13 @@ nanoGPT validates on the last 10% of the file.
 Nothing holds the corpus in memory: files are read in pieces that end at line boundaries, twice
 (a check that counts each document's bytes, then tokenization), and shards are written as they go.
 Before tokenization the pieces are cut again where the tokenizer says a cut changes no ids
-(`Tokenizer.safe_cut`: after any newline for sentencepiece, after a newline between two
-non-whitespace characters for GPT-2's byte-level regex, nowhere else for other tokenizer.json
-files), so the shards hold exactly the ids of encoding each document whole.
+(`Tokenizer.safe_cut`: after any newline for sentencepiece and sentencepiece-derived tokenizer.json
+files, after a newline between two non-whitespace characters for GPT-2's byte-level regex, nowhere
+else for other tokenizer.json files), so the shards hold exactly the ids of encoding each document
+whole. A tokenizer with a dummy prefix (an imported Llama's or Mistral's: encode adds one '▁' before
+the text) gets it once per segment (a document, or a single-document source's train head and val
+tail): the first part of a segment is encoded as a document, the parts after a cut without the
+prefix (`Tokenizer.encode_part`), which is what encoding the segment whole gives.
 """
 from __future__ import annotations
 
@@ -285,64 +289,75 @@ def _init_worker(tokenizer_path: str, dtype: str) -> None:
     _WORKER.update(tok=tok, dtype=np.dtype(dtype), eos=np.array([tok.eos_id], dtype=dtype))
 
 
-def _encode(tok: Tokenizer, text: str, dtype: np.dtype) -> np.ndarray:
+def _encode(tok: Tokenizer, text: str, dtype: np.dtype, first: bool) -> np.ndarray:
     if tok.kind == "sentencepiece":
-        return _encode_lines(tok.sp, text, dtype)
-    return np.asarray(tok.encode(text), dtype=dtype)  # text ends at a safe cut (_exact_pieces)
+        return _encode_lines(tok, text, dtype, first)
+    return np.asarray(tok.encode_part(text, first), dtype=dtype)  # text ends at a safe cut (_exact_pieces)
 
 
-def _encode_lines(sp, text: str, dtype: np.dtype) -> np.ndarray:
-    """encode(text) line by line: the same ids when no piece spans a newline (`_check_tokenizer`
-    refuses a tokenizer that has one), and several times faster than one long string through
-    sentencepiece's BPE."""
+def _encode_lines(tok, text: str, dtype: np.dtype, first: bool) -> np.ndarray:
+    """encode_part(text, first) line by line: the same ids when no piece spans a newline
+    (`_check_tokenizer` refuses a tokenizer that has one), and several times faster than one long
+    string through sentencepiece's BPE. Only the segment's first line gets the dummy prefix (if any)."""
     lines = text.split("\n")
     parts = [line + "\n" for line in lines[:-1]]
     if lines[-1]:
         parts.append(lines[-1])
-    return np.fromiter(itertools.chain.from_iterable(sp.encode(parts, num_threads=1)), dtype=dtype)
+    head = tok.sp.encode(parts[:1], num_threads=1) if first and tok.dummy_prefix else []
+    rest = tok.sp_continuation.encode(parts[len(head):], num_threads=1)
+    return np.fromiter(itertools.chain.from_iterable(head + rest), dtype=dtype)
 
 
-def _tokenize_task(items: list[tuple[str | None, int]]):
+def _tokenize_task(items: list[tuple[str | None, int, bool]]):
     """-> per split: tokens (EOS included), UTF-8 bytes, segments, in the order of the items."""
     tok, dtype, eos = _WORKER["tok"], _WORKER["dtype"], _WORKER["eos"]
     arrays: tuple[list, list] = ([], [])
     nbytes, segments = [0, 0], [0, 0]
-    for text, split in items:
+    for text, split, first in items:
         if text is None:
             arrays[split].append(eos)
             segments[split] += 1
         else:
-            arrays[split].append(_encode(tok, text, dtype))
+            arrays[split].append(_encode(tok, text, dtype, first))
             nbytes[split] += len(text.encode("utf-8"))
     tokens = [np.concatenate(a) if a else np.zeros(0, dtype) for a in arrays]
     return tokens, nbytes, segments
 
 
-def _exact_pieces(items: Iterator[tuple[str | None, int]], tok: Tokenizer) -> Iterator[tuple[str | None, int]]:
+def _exact_pieces(items: Iterator[tuple[str | None, int]], tok: Tokenizer
+                  ) -> Iterator[tuple[str | None, int, bool]]:
     """The items re-cut so that every text ends where `tok.safe_cut` allows: what follows a piece's
-    last safe cut is carried into the next piece of its segment; a segment's EOS (None) flushes it."""
+    last safe cut is carried into the next piece of its segment; a segment's EOS (None) flushes it.
+    Each item gains `first`: its text begins a segment (encoded with the dummy prefix, if any)."""
     carry: list[str] = []  # text after the last safe cut, in parts (joined once: no quadratic copies)
     carry_split = TRAIN
+    fresh = [True, True]  # per split: the next text begins a segment
+
+    def out(text: str, split: int):
+        first, fresh[split] = fresh[split], False
+        return text, split, first
+
     for text, split in items:
         if carry and (text is None or split != carry_split):
-            yield "".join(carry), carry_split
+            yield out("".join(carry), carry_split)
             carry = []
         if text is None:
-            yield None, split
+            yield None, split, False
+            fresh[split] = True
             continue
         head = carry[-1][-2:] if carry else ""  # a cut may fall where the carry meets the new text
         k = tok.safe_cut(head + text) - len(head)
         if k > 0 or (k == 0 and head):
-            yield "".join(carry) + text[:k], split
+            yield out("".join(carry) + text[:k], split)
             carry = []
         if k < len(text):
             carry.append(text[max(k, 0):])
         carry_split = split
     if carry:
-        yield "".join(carry), carry_split
+        yield out("".join(carry), carry_split)
 
 
-def _tasks(items: Iterator[tuple[str | None, int]]) -> Iterator[list[tuple[str | None, int]]]:
+def _tasks(items: Iterator[tuple[str | None, int, bool]]) -> Iterator[list[tuple[str | None, int, bool]]]:
     task, size = [], 0
     for item in items:
         task.append(item)
@@ -487,12 +502,20 @@ def _check_tokenizer(tok: Tokenizer, vocab_size: int | None, trained_here: bool)
                 raise DataError(f"{tok.path}: piece {i} ({piece!r}) spans a newline, and Atlas tokenizes text line "
                                 f"by line, which would give other ids than encoding whole documents; use a tokenizer "
                                 f"without such pieces (`python -m atlas_jax.tokenizer train` makes one)")
-    # Text is tokenized in pieces, which is exact only when encoding adds and removes nothing.
-    probe = " a  b\n\tc\nd \u00e9\ufb01"
+    # Text is tokenized in pieces, which is exact only when encoding loses nothing and cutting changes no
+    # ids. A dummy prefix that the tokenizer declares (`dummy_prefix`: a '▁' before the text, once) and
+    # that decoding removes again loses nothing; an undeclared one (GPT-2's add_prefix_space) or a
+    # normalization (NFKC's 'ﬁ' -> 'fi', collapsed whitespace) is refused. A transformers Metaspace
+    # prefix, skipped when the text begins with a space, makes " a" and "a" the same ids: only that
+    # leading space of a document is lost, the ids are still transformers', so it is accepted too.
+    probe = "a  b\n\tc\nd \u00e9\ufb01 X"
     cut = tok.safe_cut(probe)
     ids = tok.encode(probe)
-    if (tok.decode(ids) != probe or tok.piece(tok.encode("a")[0]).startswith((SPACE, "\u0120"))
-            or (cut and tok.encode(probe[:cut]) + tok.encode(probe[cut:]) != ids)):
+    leading = " " + probe  # kept exactly unless the tokenizer has a dummy prefix of transformers' kind
+    if (tok.decode(ids) != probe
+            or (tok.decode(tok.encode(leading)) != leading and getattr(tok, "prefix_scheme", None) != "metaspace")
+            or (not tok.dummy_prefix and tok.piece(tok.encode("a")[0]).startswith((SPACE, "\u0120")))
+            or (cut and tok.encode_part(probe[:cut], True) + tok.encode_part(probe[cut:], False) != ids)):
         raise DataError(f"{tok.path}: this tokenizer adds a dummy prefix or normalizes whitespace, which "
                         f"would change the text; train one with `python -m atlas_jax.tokenizer train`")
 

@@ -271,19 +271,52 @@ def _encode(array: np.ndarray, qtype: QT) -> tuple[np.ndarray, QT | None]:
 
 def tokenizer_metadata(tokenizer_path: str | Path, vocab_size: int, add_bos: bool = False
                        ) -> dict[str, tuple[Any, VT, VT | None]]:
-    """tokenizer.ggml.* for the tokenizer file: llama.cpp's SPM tokenizer for sentencepiece, its BPE
-    tokenizer with GPT-2's pre-tokenizer for a byte-level BPE tokenizer.json; other tokenizer.json
-    files (a sentencepiece-derived Llama/Mistral one, say) are one ExportError line."""
+    """tokenizer.ggml.* for the tokenizer file: llama.cpp's SPM tokenizer for sentencepiece (its dummy
+    prefix as tokenizer.ggml.add_space_prefix), its BPE tokenizer with GPT-2's pre-tokenizer for a
+    byte-level BPE tokenizer.json, its SPM tokenizer for a sentencepiece-layout BPE tokenizer.json that
+    it can follow exactly (`hf.spm_vocab`: scores from the merge ranks); any other is one ExportError
+    line saying why."""
     from atlas_jax.tokenizer import Tokenizer
 
     tok = Tokenizer.load(tokenizer_path)  # a clear DataError when missing or not a tokenizer
     if tok.kind == "bytelevel":
         return _gpt2_metadata(tok, vocab_size, add_bos)
     if tok.kind != "sentencepiece":
-        raise ExportError(f"{tokenizer_path}: only sentencepiece models and byte-level BPE tokenizer.json files (GPT-2's "
-                          f"layout) export to GGUF; this tokenizer.json's model/pre-tokenizer is another kind "
-                          f"(a sentencepiece-derived one: import its tokenizer.model instead)")
+        return _spm_json_metadata(tok, vocab_size, add_bos)
     return _sentencepiece_metadata(tok, tokenizer_path, vocab_size, add_bos)
+
+
+SPM_KINDS = {"normal": TokenType.NORMAL, "byte": TokenType.BYTE, "control": TokenType.CONTROL,
+             "unknown": TokenType.UNKNOWN}
+
+
+def _spm_json_metadata(tok, vocab_size: int, add_bos: bool) -> dict[str, tuple[Any, VT, VT | None]]:
+    """llama.cpp's SPM tokenizer ("llama") for a sentencepiece-layout tokenizer.json (a Llama/Mistral
+    one without its tokenizer.model), exact or refused (`hf.spm_vocab`)."""
+    from atlas_jax.errors import DataError
+    from atlas_jax.tokenizer.hf import spm_vocab
+
+    try:
+        pieces, scores, kinds, prefix = spm_vocab(tok)
+    except DataError as e:
+        raise ExportError(f"{e} (GGUF export)") from None
+    n = len(pieces)
+    if n > vocab_size:
+        raise ExportError(f"{tok.path}: the tokenizer has {n} tokens but the model's vocab_size is "
+                          f"{vocab_size}; export with the tokenizer the model was trained with")
+    pad = vocab_size - n
+    meta: dict[str, tuple[Any, VT, VT | None]] = {
+        Keys.Tokenizer.MODEL: ("llama", VT.STRING, None),
+        Keys.Tokenizer.LIST: (pieces + [f"[PAD{i}]" for i in range(n, vocab_size)], VT.ARRAY, VT.STRING),
+        Keys.Tokenizer.SCORES: (scores + [-1000.0] * pad, VT.ARRAY, VT.FLOAT32),
+        Keys.Tokenizer.TOKEN_TYPE: ([int(SPM_KINDS[k]) for k in kinds] + [int(TokenType.UNUSED)] * pad,
+                                    VT.ARRAY, VT.INT32),
+        Keys.Tokenizer.ADD_BOS: (bool(add_bos), VT.BOOL, None),
+        Keys.Tokenizer.ADD_EOS: (False, VT.BOOL, None),
+        Keys.Tokenizer.ADD_PREFIX: (bool(prefix), VT.BOOL, None),
+        Keys.Tokenizer.REMOVE_EXTRA_WS: (False, VT.BOOL, None),
+    }
+    return {**meta, **_special_ids(tok)}
 
 
 def _special_ids(tok) -> dict[str, tuple[Any, VT, VT | None]]:

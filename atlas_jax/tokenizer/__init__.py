@@ -9,12 +9,19 @@ piece alphabet's space), which comes back as ' ' (sentencepiece and llama.cpp al
     python -m atlas_jax.tokenizer train --input tinyshakespeare --vocab-size 2048 --out DIR
     python -m atlas_jax.tokenizer train --kind bytelevel --input tinyshakespeare --vocab-size 2048 --out DIR
 
+An imported model's sentencepiece file (Llama, Mistral, TinyLlama) may add a dummy prefix
+(normalizer_spec.add_dummy_prefix): encode(text) puts one '▁' before the text, once, and decode
+removes it again, so the round trip stays exact (except for '▁' itself, as above). `dummy_prefix`
+says so, and `encode_part(text, first=False)` encodes text that continues a document after a
+`safe_cut` without it (the same model with add_dummy_prefix off), so a document encoded in pieces
+gets the ids of encoding it whole.
+
 Two backends behind one interface (`Tokenizer`): sentencepiece (`tokenizer.model`, here) and Hugging
 Face `tokenizers` (`tokenizer.json`, `hf.py`: byte-level BPE as GPT-2, imported Hugging Face files,
 export to transformers). `Tokenizer.load(path)` picks the backend by the file's content. Every
 backend has path, sha256, kind, vocab_size, unk_id/bos_id/eos_id/pad_id (-1 when absent), encode,
 encode_batch, decode (special ids decode to nothing), decode_batch, piece, is_special,
-token_byte_lengths and safe_cut.
+token_byte_lengths, dummy_prefix, safe_cut and encode_part.
 """
 from __future__ import annotations
 
@@ -168,9 +175,16 @@ class Tokenizer:
     def decode_batch(self, batch: Iterable[Iterable[int]]) -> list[str]:
         return [self.decode(ids) for ids in batch]
 
+    dummy_prefix = False  # encode(text) adds a '▁' (a space) before text, once; decode removes it
+
     def safe_cut(self, text: str) -> int:
         """The largest k such that cutting text at k changes no ids, whatever text follows (0: none)."""
         raise NotImplementedError
+
+    def encode_part(self, text: str, first: bool) -> list[int]:
+        """ids of a part of a document cut at `safe_cut` points: the first part as encode() gives it, a
+        later one without the dummy prefix, so that the parts' ids concatenated are encode(document)."""
+        return self.encode(text)
 
 
 class SentencePieceTokenizer(Tokenizer):
@@ -179,10 +193,16 @@ class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
     def __init__(self, sp: spm.SentencePieceProcessor, path: Path, sha256: str):
+        from sentencepiece import sentencepiece_model_pb2
+
         self.sp = sp
         self.path = path
         self.sha256 = sha256
         self._byte_lengths: np.ndarray | None = None
+        self.proto = sentencepiece_model_pb2.ModelProto()
+        self.proto.ParseFromString(sp.serialized_model_proto())
+        self.dummy_prefix = bool(self.proto.normalizer_spec.add_dummy_prefix)
+        self._continuation: spm.SentencePieceProcessor | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes, path: Path) -> "SentencePieceTokenizer":
@@ -230,9 +250,28 @@ class SentencePieceTokenizer(Tokenizer):
     def is_special(self, i: int) -> bool:
         return bool(self.sp.is_control(int(i)) or self.sp.is_unknown(int(i)))
 
+    @property
+    def sp_continuation(self) -> spm.SentencePieceProcessor:
+        """The processor for text that continues a document: `sp` without its dummy prefix."""
+        if not self.dummy_prefix:
+            return self.sp
+        if self._continuation is None:
+            from sentencepiece import sentencepiece_model_pb2
+
+            proto = sentencepiece_model_pb2.ModelProto()
+            proto.CopyFrom(self.proto)
+            proto.normalizer_spec.add_dummy_prefix = False
+            self._continuation = spm.SentencePieceProcessor()
+            self._continuation.LoadFromSerializedProto(proto.SerializeToString())
+        return self._continuation
+
     def safe_cut(self, text: str) -> int:
-        """After the last '\n': exact because no piece spans a newline (data.prepare checks it)."""
+        """After the last '\n': exact because no piece spans a newline (data.prepare checks it), and the
+        dummy prefix (if any) is added once, before the first part (`encode_part`)."""
         return text.rfind("\n") + 1
+
+    def encode_part(self, text: str, first: bool) -> list[int]:
+        return (self.sp if first else self.sp_continuation).encode(text)
 
     def token_byte_lengths(self) -> np.ndarray:
         """int32[vocab_size]: UTF-8 bytes each piece stands for in running text ('▁' is one space)."""

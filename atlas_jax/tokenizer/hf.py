@@ -24,10 +24,24 @@ regex, add_prefix_space false, ByteLevel decoder, all 256 byte symbols), so deco
 for every string, and llama.cpp tokenizes it exactly (GGUF tokenizer.ggml.model "gpt2", pre "gpt-2").
 Atlas trains it with fixed ids unk=0 <unk>, bos=1 <s>, eos=2 </s>, pad=3 <pad>, then the 256 bytes.
 
+Sentencepiece-derived files (`sentencepiece_layout`: a BPE or Unigram model with byte fallback, a
+normalizer of Prepend('▁') / Replace(' ', '▁') only, no pre-tokenizer or a Metaspace one with
+split=false; what transformers' LlamaConverter writes for Llama, Mistral, TinyLlama) may add
+sentencepiece's dummy prefix (`dummy_prefix`) in one of two ways (`prefix_scheme`):
+  "prepend"    a Prepend('▁') normalizer (the legacy conversion, Llama-2/TinyLlama/Mistral-v0.1 files):
+               always, as sentencepiece and llama.cpp do;
+  "metaspace"  a Metaspace pre-tokenizer with prepend_scheme first/always (transformers >= 4.4x, 5.x):
+               only when the text does not already begin with ' ' or '▁', so " a" and "a" give the same
+               ids and decode(encode(" a")) == "a" (sentencepiece and llama.cpp give "▁▁a" for " a").
+`encode_part(text, first=False)` encodes with the prefix off (the same file without the Prepend, or
+with prepend_scheme "never").
+
 `safe_cut(text)` says where text may be cut without changing ids (data preparation encodes a long
 document in pieces): for the GPT-2 regex, after a '\\n' that has a non-whitespace character on both
-sides (the regex always ends a piece there, and neither piece looks across it); other tokenizers
-are encoded one whole document at a time.
+sides (the regex always ends a piece there, and neither piece looks across it); for a
+sentencepiece layout whose vocabulary has no piece holding a newline (other than "\\n" alone), after
+any '\\n' (nothing merges across it, and there is no pre-tokenizer to look across it); other
+tokenizers are encoded one whole document at a time.
 """
 from __future__ import annotations
 
@@ -77,6 +91,42 @@ def _is_gpt2_bytelevel(d: dict) -> bool:
             and not pre.get("add_prefix_space") and pre.get("use_regex", True) and dec.get("type") == "ByteLevel")
 
 
+def _prefix_free(spec: dict) -> dict:
+    """spec with its dummy prefix turned off (Prepend normalizers dropped, Metaspace prepend_scheme never)."""
+    spec = json.loads(json.dumps(spec))
+    norm = spec.get("normalizer")
+    if norm and norm.get("type") == "Prepend":
+        spec["normalizer"] = None
+    elif norm and norm.get("type") == "Sequence":
+        norm["normalizers"] = [n for n in norm["normalizers"] if n.get("type") != "Prepend"]
+    pre = spec.get("pre_tokenizer")
+    if pre and pre.get("type") == "Metaspace":
+        pre["prepend_scheme"] = "never"
+    return spec
+
+
+def sentencepiece_layout(spec: dict) -> str | None:
+    """For a sentencepiece-derived tokenizer.json (see the module doc), how it adds the dummy prefix:
+    "prepend", "metaspace" or "none"; None for any other layout."""
+    model, norm, pre = spec.get("model") or {}, spec.get("normalizer"), spec.get("pre_tokenizer")
+    if model.get("type") not in ("BPE", "Unigram") or not model.get("byte_fallback"):
+        return None
+    norms = (norm.get("normalizers") or [] if norm.get("type") == "Sequence" else [norm]) if norm else []
+    prepend = False
+    for n in norms:
+        if n.get("type") == "Prepend" and n.get("prepend") == SPACE:
+            prepend = True
+        elif not (n.get("type") == "Replace" and n.get("pattern") == {"String": " "} and n.get("content") == SPACE):
+            return None
+    if pre is None:
+        if not any(n.get("type") == "Replace" for n in norms):
+            return None  # spaces would stay ' ', which no piece holds
+        return "prepend" if prepend else "none"
+    if pre.get("type") != "Metaspace" or pre.get("split", True) or pre.get("replacement") != SPACE or prepend:
+        return None
+    return "none" if pre.get("prepend_scheme") == "never" else "metaspace"
+
+
 def _roles_post_processor(roles: dict[str, tuple[int, str]]) -> dict:
     return {"type": "TemplateProcessing",
             "single": [{"Sequence": {"id": "A", "type_id": 0}}],
@@ -113,6 +163,13 @@ class HFTokenizer(Tokenizer):
         # added token (matched before pre-tokenization) could span the cut.
         self._gpt2_cuts = self.kind == "bytelevel" and not any(
             "\n" in a.get("content", "") for a in added if not a.get("special"))
+        self.prefix_scheme = sentencepiece_layout(spec)
+        self.dummy_prefix = self.prefix_scheme in ("prepend", "metaspace")
+        # A sentencepiece layout: after any newline, when no piece but "\n" itself holds one.
+        self._newline_cuts = self.prefix_scheme is not None and not any(
+            "\n" in t and t != "\n" for t, i in tk.get_vocab(with_added_tokens=True).items()
+            if i not in self._special)
+        self._continuation = None
         self._byte_lengths: np.ndarray | None = None
 
     @classmethod
@@ -180,7 +237,19 @@ class HFTokenizer(Tokenizer):
     def is_special(self, i: int) -> bool:
         return int(i) in self._special
 
+    def encode_part(self, text: str, first: bool) -> list[int]:
+        if first or not self.dummy_prefix:
+            return self.encode(text)
+        if self._continuation is None:
+            from tokenizers import Tokenizer as TkTokenizer
+
+            self._continuation = TkTokenizer.from_str(json.dumps(_prefix_free(self.spec)))
+            self._continuation.encode_special_tokens = True
+        return self._continuation.encode(text, add_special_tokens=False).ids
+
     def safe_cut(self, text: str) -> int:
+        if self._newline_cuts:
+            return text.rfind("\n") + 1
         if not self._gpt2_cuts:
             return 0
         end = len(text) - 1
@@ -330,14 +399,61 @@ def hf_special_roles(src_dir: Path, token_to_id) -> dict[str, tuple[int, str]]:
     return roles
 
 
+def _sentencepiece_is_conversion(sp_tok, tok: "HFTokenizer") -> bool:
+    """tokenizer.json holds the sentencepiece model's pieces at the same ids and nothing more."""
+    vocab = tok.tk.get_vocab(with_added_tokens=True)
+    return len(vocab) == sp_tok.vocab_size and all(vocab.get(sp_tok.piece(i)) == i for i in range(sp_tok.vocab_size))
+
+
+def _sentencepiece_with_roles(sp_tok, src_dir: Path) -> bytes:
+    """The sentencepiece model's bytes, with the roles the Hugging Face files name written into its
+    trainer_spec (unk_piece/bos_piece/eos_piece/pad_piece and ids) where they differ from its own; the
+    file is unchanged when they agree. sentencepiece gives bos/eos/pad only to control pieces, so a role
+    naming another piece (pad_token "<unk>", say) keeps the model's own (pad absent: -1)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = sp_tok.proto
+    ids = {p.piece: i for i, p in enumerate(proto.pieces)}
+
+    def token_to_id(text, i):
+        if text is not None:
+            return (ids[text], text) if text in ids else None
+        return (i, proto.pieces[i].piece) if 0 <= i < len(proto.pieces) else None
+
+    out = pb.ModelProto()
+    out.CopyFrom(proto)
+    changed = False
+    for role, (i, text) in hf_special_roles(src_dir, token_to_id).items():
+        if role == "unk" or getattr(sp_tok, f"{role}_id") == i or proto.pieces[i].type != pb.ModelProto.SentencePiece.CONTROL:
+            continue
+        setattr(out.trainer_spec, f"{role}_piece", text)
+        setattr(out.trainer_spec, f"{role}_id", i)
+        changed = True
+    return out.SerializeToString() if changed else Path(sp_tok.path).read_bytes()
+
+
 def import_hf_tokenizer(src_dir: str | Path, out_dir: str | Path) -> Path:
-    """The run's tokenizer file from a Hugging Face model directory: out_dir/tokenizer.json (roles
-    from tokenizer_config.json / special_tokens_map.json / config.json) when there is a tokenizer.json,
-    else a sentencepiece tokenizer.model copied as it is. Returns the written path."""
+    """The run's tokenizer file from a Hugging Face model directory. Returns the written path.
+
+    Which file: a sentencepiece tokenizer.model when the directory has one and its tokenizer.json (if
+    any) is a conversion of it (the same pieces at the same ids, no added tokens): the model was trained
+    with that file's tokenization, llama.cpp's converter reads it too, and transformers' conversion can
+    differ from it (a Metaspace pre-tokenizer adds no dummy prefix to text that begins with a space,
+    where sentencepiece and llama.cpp do). Otherwise tokenizer.json (what transformers uses), and a
+    tokenizer.model alone when there is no tokenizer.json. The special-token roles come from
+    tokenizer_config.json / special_tokens_map.json / config.json either way: in the tokenizer.json's
+    post-processor (see the module doc), or in the sentencepiece model's trainer_spec (copied byte for
+    byte when they agree with its own)."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    src = src_dir / HF_FILE
-    if src.is_file():
-        tok = HFTokenizer.from_bytes(src.read_bytes(), src)
+    src, sp = src_dir / HF_FILE, src_dir / SENTENCEPIECE_FILE
+    tok = HFTokenizer.from_bytes(src.read_bytes(), src) if src.is_file() else None
+    if sp.is_file():
+        sp_tok = Tokenizer.load(sp)  # a clear DataError when it is not sentencepiece
+        if tok is None or _sentencepiece_is_conversion(sp_tok, tok):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _write_atomic(out_dir / SENTENCEPIECE_FILE, _sentencepiece_with_roles(sp_tok, src_dir))
+            return out_dir / SENTENCEPIECE_FILE
+    if tok is not None:
         vocab = tok.tk
 
         def token_to_id(text, i):
@@ -352,35 +468,114 @@ def import_hf_tokenizer(src_dir: str | Path, out_dir: str | Path) -> Path:
             if (j := vocab.token_to_id(unk)) is not None:
                 roles["unk"] = (j, unk)
         return write_tokenizer_json(tok.spec, roles, out_dir / HF_FILE).path
-    sp = src_dir / SENTENCEPIECE_FILE
-    if sp.is_file():
-        data = sp.read_bytes()
-        Tokenizer.load(sp)  # a clear DataError when it is not sentencepiece
-        out_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(out_dir / SENTENCEPIECE_FILE, data)
-        return out_dir / SENTENCEPIECE_FILE
     raise DataError(f"{src_dir}: no tokenizer ({HF_FILE} or {SENTENCEPIECE_FILE}); put the model's tokenizer "
                     f"files in the directory (they come with its weights on the Hugging Face hub)")
+
+
+# --------------------------------------------------------------------------- llama.cpp's SPM tokenizer
+
+
+def spm_vocab(tok: "HFTokenizer") -> tuple[list[str], list[float], list[str], bool]:
+    """(pieces, scores, kinds, add_space_prefix) with which llama.cpp's SPM tokenizer (GGUF
+    tokenizer.ggml.model "llama") tokenizes exactly as this sentencepiece-layout BPE tokenizer.json;
+    kinds are "normal" | "byte" | "control" | "unknown". A DataError line says why it cannot be exact.
+
+    llama.cpp merges the adjacent pair whose concatenation is the highest-scoring token (ties: the
+    leftmost), where BPE applies the lowest-ranked merge. A piece's score is minus the rank of the first
+    merge that makes it, which gives the same merges in the same order when: every pair of pieces that
+    concatenates to a piece is a merge (llama.cpp would merge it), a piece's merges have consecutive
+    ranks and come after the merges making its parts, every character of a piece is a piece, and where
+    a piece p = x+y = y+z can be made two ways around a shared y, (x, y) ranks first (llama.cpp takes
+    the leftmost). llama.cpp adds its space prefix always: a Metaspace prefix (skipped before a leading
+    space) cannot be written. (llama.cpp's own converter, LlamaHfVocab, gives every piece -1000, so
+    its merges go left to right whatever the ranks are.)"""
+    spec, model = tok.spec, tok.spec.get("model") or {}
+    where = f"{tok.path}:"
+    if tok.prefix_scheme is None or model.get("type") != "BPE":
+        raise DataError(f"{where} only byte-level BPE (GPT-2's layout) and sentencepiece-layout BPE tokenizer.json "
+                        f"files export to GGUF; this one's model/normalizer/pre-tokenizer is another kind")
+    if tok.prefix_scheme == "metaspace":
+        raise DataError(f"{where} its Metaspace pre-tokenizer adds no dummy prefix to text that begins with a space, "
+                        f"and llama.cpp always adds one, so llama.cpp would tokenize such text differently; import "
+                        f"the model's tokenizer.model (llama.cpp's converter uses it too) or a legacy tokenizer.json")
+    if any(model.get(k) for k in ("dropout", "continuing_subword_prefix", "end_of_word_suffix", "ignore_merges")):
+        raise DataError(f"{where} BPE dropout, subword prefixes/suffixes or ignore_merges have no llama.cpp equivalent")
+    n = tok.vocab_size
+    pieces = [tok.piece(i) for i in range(n)]
+    if any(not p for p in pieces):
+        raise DataError(f"{where} token id {pieces.index('')} is missing; llama.cpp needs ids 0..{n - 1}")
+    added = {int(a["id"]): a for a in spec.get("added_tokens") or []}
+    if user := [i for i, a in added.items() if not a.get("special")]:
+        raise DataError(f"{where} added token {user[0]} ({pieces[user[0]]!r}) is not special; llama.cpp matches "
+                        f"user-defined tokens by other rules, so the export would not be exact")
+    byte = {f"<0x{b:02X}>" for b in range(256)}
+    missing = sorted(byte - set(pieces))
+    if missing:
+        raise DataError(f"{where} byte piece {missing[0]} (and {len(missing) - 1} more) missing; llama.cpp needs all 256")
+    unk = model.get("unk_token")
+    kinds = ["control" if i in added else "unknown" if p == unk else "byte" if p in byte else "normal"
+             for i, p in enumerate(pieces)]
+    vocab = {p: i for i, p in enumerate(pieces) if kinds[i] == "normal"}
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    rank = {m: r for r, m in reversed(list(enumerate(merges)))}
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for r, (a, b) in enumerate(merges):
+        p = a + b
+        if a not in vocab or b not in vocab or p not in vocab:
+            raise DataError(f"{where} merge {r} ({a!r} {b!r}) joins pieces that are not plain tokens; llama.cpp "
+                            f"cannot follow it")
+        if p in first and last[p] != r - 1:
+            raise DataError(f"{where} the merges making {p!r} are not consecutive (ranks {first[p]} and {r}); "
+                            f"llama.cpp ranks a piece's merges together")
+        if first.get(a, -1) >= r or first.get(b, -1) >= r:
+            raise DataError(f"{where} merge {r} ({a!r} {b!r}) comes before a merge making one of its parts")
+        first.setdefault(p, r)
+        last[p] = r
+    for p in vocab:
+        if any(c not in vocab for c in p):
+            raise DataError(f"{where} piece {p!r} holds a character that is not a piece; llama.cpp could merge "
+                            f"into it where BPE falls back to bytes")
+        for k in range(1, len(p)):
+            x, y = p[:k], p[k:]
+            if x in vocab and y in vocab and (x, y) not in rank:
+                raise DataError(f"{where} {x!r} + {y!r} makes the piece {p!r} but is not a merge; llama.cpp would "
+                                f"merge it")
+            z = p[len(p) - k:] if p[:k] == p[len(p) - k:] else None  # y=p[:k] is a border: p = x'+y = y+z
+            if z is not None and k < len(p):
+                left, right = (p[:len(p) - k], p[len(p) - k:]), (p[:k], p[k:])
+                if left in rank and right in rank and rank[left] > rank[right]:
+                    raise DataError(f"{where} {p!r} is made by {right} before {left}; llama.cpp prefers the leftmost "
+                                    f"of two overlapping merges")
+    for i, p in enumerate(pieces):
+        if kinds[i] != "normal" and any(p[:k] in vocab and p[k:] in vocab for k in range(1, len(p))):
+            raise DataError(f"{where} the {kinds[i]} token {p!r} is two plain pieces joined; llama.cpp would merge "
+                            f"text into it")
+    scores = [-float(first[p]) if kinds[i] == "normal" and p in first else 0.0 if kinds[i] == "normal" else -1000.0
+              for i, p in enumerate(pieces)]
+    return pieces, scores, kinds, tok.prefix_scheme == "prepend"
 
 
 # --------------------------------------------------------------------------- export to transformers
 
 
 def sentencepiece_tokenizer_json(tok) -> tuple[dict, dict[str, tuple[int, str]]]:
-    """(tokenizer.json, roles) that tokenize exactly as an Atlas sentencepiece model: identity
-    normalization but ' ' -> '▁', no dummy prefix, no pre-tokenizer (whitespace is kept and digits stay
-    split because the vocabulary has no piece that joins them), byte fallback; a BPE model's merges are
-    every (left, right) whose concatenation is a piece, ranked by that piece's score, as sentencepiece
-    merges the highest-scoring pair first."""
+    """(tokenizer.json, roles) that tokenize exactly as a sentencepiece model with identity
+    normalization: ' ' -> '▁', no pre-tokenizer (whitespace is kept and digits stay split because the
+    vocabulary has no piece that joins them), byte fallback; a BPE model's merges are every (left,
+    right) whose concatenation is a piece, ranked by that piece's score, as sentencepiece merges the
+    highest-scoring pair first. A model with a dummy prefix (an imported Llama's) gets it as a
+    Prepend('▁') normalizer, which adds it always, as sentencepiece does (transformers' Metaspace
+    adds none to text that begins with a space), and a decoder that strips it again."""
     from sentencepiece import sentencepiece_model_pb2
 
     proto = sentencepiece_model_pb2.ModelProto()
     proto.ParseFromString(Path(tok.path).read_bytes())
     norm = proto.normalizer_spec
-    if (norm.name not in ("identity", "") or norm.precompiled_charsmap or norm.add_dummy_prefix
+    if (norm.name not in ("identity", "") or norm.precompiled_charsmap
             or norm.remove_extra_whitespaces or proto.trainer_spec.treat_whitespace_as_suffix):
-        raise DataError(f"{tok.path}: only sentencepiece models with identity normalization, no dummy prefix and "
-                        f"whitespace kept export to Hugging Face exactly (Atlas trains those); retrain the tokenizer")
+        raise DataError(f"{tok.path}: only sentencepiece models with identity normalization and whitespace kept "
+                        f"export to Hugging Face exactly (Atlas trains those); retrain the tokenizer")
     sp = tok.sp
     n = sp.get_piece_size()
     pieces = [sp.id_to_piece(i) for i in range(n)]
@@ -396,7 +591,9 @@ def sentencepiece_tokenizer_json(tok) -> tuple[dict, dict[str, tuple[int, str]]]
         merges = []
         for i in sorted(mergeable, key=lambda i: (-sp.get_score(i), i)):
             p = pieces[i]
-            for k in range(1, len(p)):
+            # The longest left part first: where p = x+y = y+z overlap, BPE then takes (x, y), the leftmost,
+            # as sentencepiece and llama.cpp do (see spm_vocab).
+            for k in range(len(p) - 1, 0, -1):
                 left, right = vocab.get(p[:k]), vocab.get(p[k:])
                 if left in mergeable and right in mergeable:
                     merges.append((i, left, right))
@@ -416,6 +613,10 @@ def sentencepiece_tokenizer_json(tok) -> tuple[dict, dict[str, tuple[int, str]]]
                 {"type": "Replace", "pattern": {"String": SPACE}, "content": " "},
                 {"type": "ByteFallback"}, {"type": "Fuse"}]},
             "model": model}
+    if norm.add_dummy_prefix:
+        spec["normalizer"] = {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": SPACE},
+                                                                  spec["normalizer"]]}
+        spec["decoder"]["decoders"].append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
     return spec, roles
 
 

@@ -173,13 +173,23 @@ def test_bytelevel_gguf_metadata(tokenizers_by_name, tmp_path):
         tokenizer_metadata(tok.path, 999)
 
 
-def test_sentencepiece_derived_tokenizer_json_is_refused_by_gguf_in_one_line(tokenizers_by_name, tmp_path):
-    write_hf_tokenizer(tokenizers_by_name["atlas-sentencepiece"], tmp_path)
+def test_sentencepiece_derived_tokenizer_json_exports_to_llamacpp_exactly(tokenizers_by_name, tmp_path):
+    """An Atlas sentencepiece model written for transformers (tokenizer.json alone) exports as llama.cpp's
+    SPM tokenizer with scores from its merge ranks, and llama.cpp gives Atlas's ids."""
+    from atlas_jax.export.llamacpp import llamacpp_tokenize
+
+    sp = tokenizers_by_name["atlas-sentencepiece"]
+    write_hf_tokenizer(sp, tmp_path)
     tok = Tokenizer.load(tmp_path / "tokenizer.json")
-    assert tok.kind == "tokenizers"
-    with pytest.raises(ExportError, match=r"tokenizer.json: only sentencepiece models and byte-level BPE") as e:
-        tokenizer_metadata(tok.path, tok.vocab_size)
-    assert "\n" not in str(e.value)
+    assert tok.kind == "tokenizers" and tok.prefix_scheme == "none" and not tok.dummy_prefix
+    meta = tokenizer_metadata(tok.path, tok.vocab_size)
+    assert meta[Keys.Tokenizer.MODEL][0] == "llama" and meta[Keys.Tokenizer.ADD_PREFIX][0] is False
+    cfg, params = _tiny_model(tok.vocab_size)
+    path = export_gguf(params, cfg, tok.path, tmp_path / "tok.gguf")
+    texts = [t for t in STRINGS if t] + [_shakespeare(Path(__file__).resolve().parents[3] / "shared" / "data"
+                                                      / "tinyshakespeare.txt", 50_000)]
+    for text, ids in zip(texts, llamacpp_tokenize(path, texts)):
+        assert ids == tok.encode(text) == sp.encode(text), f"{text[:40]!r}: llama.cpp {ids[:20]}"
 
 
 # --------------------------------------------------------------------------- training, layout
