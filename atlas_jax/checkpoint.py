@@ -86,7 +86,7 @@ def is_model_only(step_dir: Path) -> bool:
 
 # Model fields that choose how the same function is computed; every other model field changes the
 # function (or the params' shapes), so a checkpoint resumes only under the config it was made with.
-LORA_FIELDS = ("rank", "alpha", "targets", "rslora")  # the adapters' shapes and function (dropout may change)
+LORA_FIELDS = ("rank", "alpha", "targets", "rslora", "base_quant")  # the adapters' shapes and function (dropout may change)
 IMPLEMENTATION_FIELDS = ("remat", "attention", "matmul", "moe_impl")
 
 

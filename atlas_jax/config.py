@@ -29,6 +29,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 TOKENIZER_TYPES = ("bpe", "unigram", "bytelevel")  # sentencepiece bpe/unigram; GPT-2-style byte-level BPE
 TRACKERS = ("tensorboard", "mlflow", "none")
 OBJECTIVES = ("lm", "sft", "dpo")
+BASE_QUANTS = ("none", "int8", "nf4")
 
 
 @dataclass
@@ -149,6 +150,7 @@ class LoraConfig:
     dropout: float = 0.0  # on the adapters' input
     targets: list[str] = field(default_factory=lambda: ["q", "k", "v", "o"])  # q k v o gate up down head | all
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    base_quant: str = "none"  # none | int8 (per channel) | nf4 (QLoRA's 4-bit blocks): how the frozen base is held
 
 
 @dataclass
@@ -430,6 +432,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"lora.alpha must be positive, got {lo.alpha}")
         if not 0.0 <= lo.dropout < 1.0:
             raise ConfigError(f"lora.dropout must be in [0, 1), got {lo.dropout}")
+        _choice(lo.base_quant, BASE_QUANTS, "lora.base_quant")
         if not lo.targets:
             raise ConfigError("lora.targets is empty; name layers (q k v o gate up down head) or all")
     if t.init_from is not None:

@@ -140,6 +140,9 @@ def load_model(path: str | Path) -> tuple[Any, Config, Path]:
         return ckpt.load_for_inference(step_dir)
     adapters, cfg, _ = ckpt.load_adapters(step_dir)
     base = base_params(cfg, run_dir)
+    if cfg.lora.base_quant != "none":  # the adapters were trained against the dequantized base
+        from atlas_jax.lora import dequantize_base, quantize_base
+        base = dequantize_base(quantize_base(base, cfg.lora.base_quant))
     merged = merge(base, adapters, cfg.lora)
     import jax
     return jax.tree_util.tree_map(np.asarray, merged), cfg, ckpt.tokenizer_path(run_dir, cfg)

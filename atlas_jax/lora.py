@@ -13,6 +13,12 @@ model's code is not changed, and every Dense call whose module path is in the tr
 
 Target names (`lora.targets`): q k v o (attention), gate up down (MLP), head (an untied lm_head),
 or `all` (every one the model has). MoE experts are not Dense layers and take no adapter.
+
+QLoRA-style base (`lora.base_quant`): every Dense kernel of the frozen base is held quantized and
+dequantized inside the jitted step, just before its matmul: `int8` per output channel (absmax/127),
+or `nf4` (Dettmers et al. 2023: 4-bit NormalFloat codes, two per byte, one absmax per 64 weights of
+a column). Embeddings and norms stay float32. The adapters train against the dequantized weights,
+and `merge` of such a run folds them into the dequantized base (what they were trained with).
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from atlas_jax.config import ConfigError, LoraConfig, ModelConfig
 
@@ -164,3 +171,76 @@ def _set_copy(tree: dict, path: tuple[str, ...], value) -> None:
 
 def count(adapters: PyTree) -> int:
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(adapters))
+
+
+# --------------------------------------------------------------------------- quantized base (QLoRA)
+
+# The 16 NF4 levels of QLoRA (bitsandbytes' table): quantiles of N(0, 1) scaled to [-1, 1].
+NF4_LEVELS = np.array([-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+                       -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+                       0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+                       0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+NF4_BLOCK = 64
+
+
+def _quantize_kernel(w: np.ndarray, kind: str, where: str) -> dict:
+    w = np.asarray(w, np.float32)
+    if kind == "int8":  # per output channel (a column of the [in, out] kernel)
+        scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127.0
+        return {"int8": np.clip(np.round(w / scale), -127, 127).astype(np.int8), "scale": scale.astype(np.float32)}
+    d_in, d_out = w.shape
+    if d_in % NF4_BLOCK:
+        raise ConfigError(f"lora.base_quant=nf4: {where} has {d_in} inputs, not a multiple of {NF4_BLOCK}; "
+                          f"use lora.base_quant=int8")
+    cols = w.T.reshape(d_out, d_in // NF4_BLOCK, NF4_BLOCK)  # blocks of 64 inputs of one output
+    absmax = np.maximum(np.abs(cols).max(axis=-1, keepdims=True), 1e-12)
+    codes = np.abs((cols / absmax)[..., None] - NF4_LEVELS).argmin(axis=-1).astype(np.uint8)
+    codes = codes.reshape(d_out, d_in)
+    return {"nf4": (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8), "absmax": absmax[..., 0]}
+
+
+def _is_quantized(node) -> bool:
+    return isinstance(node, dict) and ("int8" in node or "nf4" in node)
+
+
+def quantize_base(params: PyTree, kind: str) -> PyTree:
+    """Host params with every Dense kernel replaced by its quantized form ({"int8", "scale"} or
+    {"nf4", "absmax"}); the rest as it is."""
+    def walk(node, path):
+        if isinstance(node, dict):
+            out = {}
+            for k, v in node.items():
+                if k == "kernel" and not isinstance(v, dict):
+                    out[k] = _quantize_kernel(v, kind, "/".join(path))
+                else:
+                    out[k] = walk(v, path + (k,))
+            return out
+        return node
+    return walk(params, ())
+
+
+def _dequantize_kernel(node) -> jax.Array:
+    if "int8" in node:
+        return node["int8"].astype(jnp.float32) * node["scale"]
+    packed = node["nf4"]
+    d_out = packed.shape[0]
+    codes = jnp.stack([packed & 0xF, packed >> 4], axis=-1).reshape(d_out, -1)  # [out, in]
+    values = jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)]
+    blocks = values.reshape(d_out, -1, NF4_BLOCK) * node["absmax"][..., None]
+    return blocks.reshape(d_out, -1).T
+
+
+def dequantize_base(params: PyTree) -> PyTree:
+    """The float32 model params of a `quantize_base` tree (traceable: runs inside the jitted step)."""
+    def walk(node):
+        if _is_quantized(node):
+            return _dequantize_kernel(node)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        return node
+    return walk(params)
+
+
+def tree_bytes(params: PyTree) -> int:
+    return sum(int(np.asarray(x).nbytes) if not hasattr(x, "nbytes") else int(x.nbytes)
+               for x in jax.tree_util.tree_leaves(params))

@@ -284,7 +284,7 @@ def _resolve_init(cfg: Config, run_dir: Path):
 def _place(params, shardings):
     """Host params -> global arrays in the state's shardings (each process supplies its own shards)."""
     return jax.tree_util.tree_map(
-        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x[idx], np.float32)),
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx: np.asarray(x[idx])),
         params, shardings)
 
 
@@ -364,7 +364,13 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
         host_base = init.load_params()
         base_sha = params_sha256(host_base)
         check_lora_base(run_dir, base_sha, cfg.train.init_from)
-        base_sh = state_shardings(base_shapes(cfg), mesh)
+        if cfg.lora.base_quant != "none":  # QLoRA: held quantized, dequantized inside the step
+            from atlas_jax.lora import quantize_base, tree_bytes
+            f32_bytes = tree_bytes(host_base)
+            host_base = quantize_base(host_base, cfg.lora.base_quant)
+            _log(f"lora.base_quant={cfg.lora.base_quant}: the frozen base holds {tree_bytes(host_base) / 2**20:,.1f} MiB "
+                 f"instead of {f32_bytes / 2**20:,.1f} MiB in float32")
+        base_sh = state_shardings(host_base, mesh)
         base = _place(host_base, base_sh)
         del host_base
     if latest is not None:

@@ -109,6 +109,8 @@ def _terms(cfg: Config, params, base, mb: dict, key, norm):
     dpo: the DPO loss of the policy against the reference (`base`: LoRA's base with adapters off,
     or the frozen copy of the starting params), and the reward metrics."""
     objective_name = cfg.train.objective
+    if cfg.lora.rank > 0 and cfg.lora.base_quant != "none":  # QLoRA: the frozen base is held quantized
+        base = L.dequantize_base(base)
     if objective_name == "dpo":
         inputs = jnp.concatenate([mb["chosen_inputs"], mb["rejected_inputs"]])
         targets = jnp.concatenate([mb["chosen_targets"], mb["rejected_targets"]])
@@ -250,7 +252,8 @@ def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree, base: PyTre
             if cfg.lora.rank == 0:
                 logits = model.apply({"params": params}, mb["inputs"])
             else:
-                logits = L.apply(cfg.model, base, params, cfg.lora, mb["inputs"])
+                plain = L.dequantize_base(base) if cfg.lora.base_quant != "none" else base
+                logits = L.apply(cfg.model, plain, params, cfg.lora, mb["inputs"])
             total, _ = cross_entropy(logits, mb["targets"], mb["weights"] if cfg.train.objective == "sft" else None)
             return total
 

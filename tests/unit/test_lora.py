@@ -144,3 +144,46 @@ def test_lora_refusals_are_one_line(base_run, tmp_path):
     (run / "lora_base.json").write_text(json.dumps(record))
     _one_line(_cli(*args[:2], "lora.rank=4", "train.steps=4"), "other adapters", "lora.rank")
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("checkpoints/*"))
+
+
+def test_quantized_base_codes_and_error():
+    rng = np.random.default_rng(0)
+    w = rng.normal(0, 0.05, (128, 96)).astype(np.float32)
+    tree = {"layer": {"kernel": w, "bias": np.ones(96, np.float32)}, "norm": {"scale": np.ones(96, np.float32)}}
+    q8, q4 = L.quantize_base(tree, "int8"), L.quantize_base(tree, "nf4")
+    assert q8["layer"]["kernel"]["int8"].dtype == np.int8 and q4["layer"]["kernel"]["nf4"].dtype == np.uint8
+    assert L.tree_bytes(q8["layer"]["kernel"]) < w.nbytes / 3.5 and L.tree_bytes(q4["layer"]["kernel"]) < w.nbytes / 6
+    d8 = np.asarray(L.dequantize_base(q8)["layer"]["kernel"])
+    d4 = np.asarray(L.dequantize_base(q4)["layer"]["kernel"])
+    scale = np.abs(w).max(axis=0) / 127
+    assert np.all(np.abs(d8 - w) <= scale / 2 + 1e-7)  # int8: round to nearest step of each column
+    # nf4: every weight is the NF4 level nearest to it, times its 64-block's absmax
+    blocks = w.T.reshape(96, 2, 64)
+    absmax = np.abs(blocks).max(-1, keepdims=True)
+    nearest = L.NF4_LEVELS[np.abs(blocks[..., None] / absmax[..., None] - L.NF4_LEVELS).argmin(-1)] * absmax
+    assert np.allclose(d4, nearest.reshape(96, 128).T, atol=1e-7)
+    assert np.array_equal(np.asarray(L.dequantize_base(q8)["norm"]["scale"]), tree["norm"]["scale"])
+    with pytest.raises(L.ConfigError, match="nf4.*not a multiple of 64"):
+        L.quantize_base({"k": {"kernel": np.zeros((80, 8), np.float32)}}, "nf4")
+
+
+def test_qlora_trains_against_the_dequantized_base(base_run, tmp_path):
+    from atlas_jax.data.loader import make_train_iterator
+    from atlas_jax.init_from import load_model
+
+    run = tmp_path / "qlora"
+    r = _cli(f"train.run_dir={run}", f"train.init_from=run:{base_run}", "lora.rank=4", "lora.base_quant=nf4",
+             "lora.targets=[q,k,v,o]", "train.steps=3", "train.checkpoint_interval=3", "train.lr=1e-2")
+    assert r.returncode == 0, r.stderr
+    assert "lora.base_quant=nf4: the frozen base holds" in r.stderr
+    base, cfg, _ = ckpt.load_for_inference(base_run)
+    deq = jax.tree.map(np.asarray, L.dequantize_base(L.quantize_base(base, "nf4")))
+    batch = next(make_train_iterator(run / "data", 32, 4, 0, 0, 1))
+    want = float(loss_fn(deq, cfg.model, batch["inputs"], batch["targets"]))
+    assert abs(_losses(run)[1] - want) <= 1e-5  # B = 0: the model is the dequantized base
+    assert abs(want - float(loss_fn(base, cfg.model, batch["inputs"], batch["targets"]))) > 1e-4
+    merged, _, _ = load_model(run)
+    adapters, saved_cfg, _ = ckpt.load_adapters(run)
+    tokens = np.asarray(batch["inputs"], np.int32)
+    got = Transformer(saved_cfg.model).apply({"params": merged}, tokens)
+    assert np.abs(np.asarray(got) - np.asarray(L.apply(saved_cfg.model, deq, adapters, saved_cfg.lora, tokens))).max() <= 1e-5
