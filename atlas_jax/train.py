@@ -48,6 +48,7 @@ class RunResult:
     state: object = None  # the final train state, for callers in the same process
     base: object = None  # LoRA: the frozen base params (state["params"] holds the adapters)
     cfg: object = None  # the config the run trained with (train.init_from fills the model from its source)
+    sample_prompts: list | None = None  # token prompts for the final samples (None: a newline)
 
 
 class _Stop:
@@ -537,6 +538,10 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     result.state = state
     result.base = base
     result.cfg = cfg
+    if finetune:  # the final samples answer the first val prompts (up to the reply), not a newline
+        rows = next(iter(ft.val.values()))
+        result.sample_prompts = [list(map(int, t[:int(np.argmax(w > 0)) + 1])) for t, w in
+                                 zip(rows.tokens[:2], rows.weights[:2])]
     return result
 
 
@@ -559,26 +564,28 @@ def summary(result: RunResult, cfg: Config, samples: list[str] | None = None) ->
 
 
 def _samples(result: RunResult, cfg: Config, n: int = 2) -> list[str]:
-    """A few continuations of a newline from the final params, at the config's sample settings."""
+    """A few continuations from the final params, at the config's sample settings: of a newline, or for
+    sft / dpo the replies to the first val prompts."""
     from jax.experimental import multihost_utils
 
     from atlas_jax.sample import generate
     from atlas_jax.tokenizer import Tokenizer
 
     params = result.state["params"]
-    if result.base is not None:  # LoRA: sample from the base with the adapters merged in
-        from atlas_jax.lora import merge
-        params = merge(result.base, params, cfg.lora)
+    if cfg.lora.rank > 0:  # LoRA: sample from the base with the adapters merged in
+        from atlas_jax.lora import dequantize_base, merge
+        base = dequantize_base(result.base) if cfg.lora.base_quant != "none" else result.base
+        params = merge(base, params, cfg.lora)
     params = multihost_utils.process_allgather(params, tiled=True)  # collective
     if not _is_main():
         return []
     tok = Tokenizer.load(ckpt.tokenizer_path(result.run_dir, cfg))
-    prompt = tok.encode("\n")
-    new_tokens = min(cfg.sample.max_new_tokens, cfg.model.max_seq_len - len(prompt))
+    prompts = result.sample_prompts or [tok.encode("\n")] * n
+    new_tokens = min(cfg.sample.max_new_tokens, cfg.model.max_seq_len - max(map(len, prompts)))
     sample_cfg = dataclasses.replace(cfg.sample, max_new_tokens=new_tokens)
-    tokens, lengths = generate(params, [prompt] * n, jax.random.key(cfg.sample.seed), sample_cfg, cfg.model,
+    tokens, lengths = generate(params, prompts, jax.random.key(cfg.sample.seed), sample_cfg, cfg.model,
                                eos_id=tok.eos_id, pad_id=tok.pad_id)
-    return [tok.decode(prompt + list(np.asarray(t[:l]))) for t, l in zip(tokens, lengths)]
+    return [tok.decode(p + list(np.asarray(t[:l]))) for p, t, l in zip(prompts, tokens, lengths)]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

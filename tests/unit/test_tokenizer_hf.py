@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from gguf import GGUFReader, Keys, TokenType
+from gguf import Keys, TokenType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
