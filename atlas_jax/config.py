@@ -415,6 +415,9 @@ INIT_KINDS = ("run", "hf")
 def validate(cfg: Config) -> None:
     m, d, t, s = cfg.model, cfg.data, cfg.train, cfg.sample
     validate_model(m)
+    for key, seed in (("train.seed", t.seed), ("data.split_seed", d.split_seed), ("sample.seed", s.seed)):
+        if not 0 <= seed < 2**32:  # numpy's and sentencepiece's seeds are unsigned 32-bit
+            raise ConfigError(f"{key} must be in [0, 2**32), got {seed}")
     _choice(t.objective, OBJECTIVES, "train.objective")
     if t.objective != "lm" and t.init_from is None:
         raise ConfigError(f"train.objective={t.objective} fine-tunes a model: set train.init_from=run:PATH or hf:SRC")

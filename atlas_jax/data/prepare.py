@@ -405,6 +405,12 @@ class ShardWriter:
         self.mm[self.n:self.n + len(tokens)] = tokens
         self.n += len(tokens)
 
+    def discard(self) -> None:
+        """Drop the unfinished shard (an error while tokenizing): no .tmp is left in the data dir."""
+        if hasattr(self, "mm"):
+            del self.mm
+        self.tmp.unlink(missing_ok=True)
+
     def close(self) -> None:
         self.mm.flush()
         itemsize = self.mm.dtype.itemsize
@@ -424,11 +430,16 @@ def _write_shards(paths, cfg: DataConfig, doc_bytes, tok: Tokenizer, data_dir: P
     writers = [ShardWriter(data_dir / f"{name}.bin", dtype, capacity) for name in SPLITS]
     nbytes, segments = [0, 0], [0, 0]
     items = _exact_pieces(_split_items(paths, cfg, doc_bytes), tok)
-    for tokens, b, s in _tokenized(_tasks(items), tok.path, dtype, workers):
-        for split in (TRAIN, VAL):
-            writers[split].write(tokens[split])
-            nbytes[split] += b[split]
-            segments[split] += s[split]
+    try:
+        for tokens, b, s in _tokenized(_tasks(items), tok.path, dtype, workers):
+            for split in (TRAIN, VAL):
+                writers[split].write(tokens[split])
+                nbytes[split] += b[split]
+                segments[split] += s[split]
+    except BaseException:
+        for w in writers:
+            w.discard()
+        raise
     for w in writers:
         w.close()
     return {name: {"file": w.path.name, "tokens": w.n, "bytes": nbytes[i], "documents": segments[i]}

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.vocab_size < 1:
         raise ConfigError(f"--vocab-size must be positive, got {args.vocab_size} (e.g. 2048; at least the "
                           f"256 byte pieces plus the corpus's characters)")
+    if not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2**32), got {args.seed}")
     start = time.perf_counter()
     paths = resolve_sources(args.input, "--input")
     writable_dir(args.out, "--out")
