@@ -17,6 +17,10 @@
 - scaling: atlas_jax (and torch eager) tokens/s as the sequence grows and as the model grows.
 - quality: every GGUF type of a trained run in llama.cpp against atlas_jax: file size, max
   |dlogit|, top-1 agreement, validation perplexity, greedy continuation.
+- hf: `python -m atlas_jax.hf` import and export of a 124M GPT-2 written by transformers, time and
+  peak RSS, beside transformers' own from_pretrained + save_pretrained.
+- finetune: full fine-tuning vs LoRA r=8 vs an nf4 base with LoRA r=8 on a 124M llama: trainable
+  params, optimizer-state and base bytes, step time, peak RSS.
 
 Results merge into --out (JSON, default docs/benchmarks.json, one section per subcommand) and are
 rendered as tables into --md (default: --out with .md) between the `bench:begin/end` markers,
@@ -40,6 +44,8 @@ from pathlib import Path
 from atlas_jax.bench.common import (CORPUS, ENV_PREFIXES, REPO, BenchError, bench_config, cores, log, names_from,
                                     positive_int, positive_ints)
 from atlas_jax.bench.decode import cmd_decode
+from atlas_jax.bench.finetune import cmd_finetune
+from atlas_jax.bench.hf import cmd_hf
 from atlas_jax.bench.quality import cmd_quality
 from atlas_jax.bench.report import check_outputs, check_png, render_markdown, write_outputs
 from atlas_jax.bench.scaling import SIZES, cmd_scaling, scaling_configs
@@ -90,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                    default="f32,f16,bf16,q8_0,q4_0,q4_0-rtn,q4_k_m,q5_k_m,q6_k")
     q.add_argument("--windows", type=positive_int, default=16,
                    help="validation windows of data.seq_len tokens (default 16)")
+    sub.add_parser("hf", parents=[common], help="Hugging Face import/export of a 124M GPT-2 vs transformers: time, RSS")
+    sub.add_parser("finetune", parents=[common], help="full fine-tuning vs LoRA vs QLoRA-style: params, memory, step")
     args = p.parse_args(argv)
 
     # Everything a run will need is checked before the first measurement (minutes of them): the
@@ -99,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     check_outputs(out, md, args.md is not None)
     check_inputs(args, out)
     section = {"train": cmd_train, "decode": cmd_decode, "scaling": cmd_scaling,
-               "quality": cmd_quality}[args.command](args)
+               "quality": cmd_quality, "hf": cmd_hf, "finetune": cmd_finetune}[args.command](args)
     section["command"] = "python scripts/bench.py " + shlex.join(argv)
     section["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
     section["quick"] = args.quick

@@ -276,13 +276,35 @@ def _md_quality(q: dict) -> list[str]:
         rows) + [""]
 
 
+def _md_hf(h: dict) -> list[str]:
+    rows = [[r["job"], f"{r['seconds']:.2f}", f"{r['peak_rss_mib']:,.0f}", f"{r['peak_rss_over_weights']:.2f}"]
+            for r in h["rows"]]
+    return ["### hf: Hugging Face import / export", "", f"`{h['command']}`  ",
+            f"A random GPT2LMHeadModel ({h['params']:,} params, {h['float32_weights_mib']:,.0f} MiB in float32) saved "
+            f"by transformers; each job in a fresh process (peak RSS includes the libraries: see the 'libraries "
+            f"only' rows). Load average {h['load_avg_start']} -> {h['load_avg_end']}.", ""] + _table(
+        ["job", "seconds", "peak RSS (MiB)", "peak RSS / float32 weights"], rows) + [""]
+
+
+def _md_finetune(f: dict) -> list[str]:
+    full = f["rows"][0]
+    rows = [[r["row"], f"{r['trainable']:,}", f"{r['opt_state_bytes'] / 2**20:,.1f}",
+             f"{(r['base_bytes'] or 0) / 2**20:,.1f}", f"{r['step_s']:.3f}", f"{full['step_s'] / r['step_s']:.2f}x",
+             f"{r['peak_rss_mib']:,.0f}"] for r in f["rows"]]
+    return ["### finetune: full vs LoRA vs QLoRA-style", "", f"`{f['command']}`  ",
+            f"{f['config']} with {' '.join(f['overrides'])}; random weights, {f['steps']} timed steps (median). "
+            f"Load average {f['load_avg_start']} -> {f['load_avg_end']}.", ""] + _table(
+        ["row", "trainable params", "optimizer state (MiB)", "frozen base (MiB)", "step (s)", "speed vs full",
+         "peak RSS (MiB)"], rows) + [""]
+
+
 def render_markdown(data: dict) -> str:
     mach, ver = data.get("machine", {}), data.get("versions", {})
     lines = [f"Machine: {mach.get('cpu')}, {mach.get('cores')} cores, {mach.get('memory_gib')} GiB; jax backend "
              f"{mach.get('jax_backend')} ({mach.get('device_kind')} x{mach.get('device_count')}).",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v) + ".", ""]
     for name, render in (("train", _md_train), ("decode", _md_decode), ("scaling", _md_scaling),
-                         ("quality", _md_quality)):
+                         ("quality", _md_quality), ("hf", _md_hf), ("finetune", _md_finetune)):
         if name in data:
             lines += render(data[name])
             if data[name].get("env"):
