@@ -1,6 +1,7 @@
 """llama.cpp (llama-cpp-python) on our GGUF files, each call in a child process.
 
     llamacpp_logits("model.gguf", ids)              # float32 [T, V], f32 KV cache
+    llamacpp_logits("base.gguf", ids, lora_path="adapter.gguf")   # with a LoRA adapter applied
     llamacpp_generate("model.gguf", "ROMEO:", 32)   # ids; greedy by default
     llamacpp_quantize("f32.gguf", "q4_k_m.gguf", "q4_k_m")
     for kind, value in llamacpp_stream("model.gguf", "ROMEO:", 32, n_ctx=256): ...   # count, text..., count
@@ -60,11 +61,14 @@ LLAMACPP_FTYPES: dict[str, LlamaFileType] = {
 
 
 def llamacpp_logits(gguf_path: str | Path, tokens: Sequence[int] | Sequence[Sequence[int]],
-                    n_threads: int = LLAMA_THREADS) -> np.ndarray | list[np.ndarray]:
-    """llama.cpp's float32 logits [T, V] for one token sequence (or a list of them), f32 KV cache."""
+                    n_threads: int = LLAMA_THREADS, lora_path: str | Path | None = None
+                    ) -> np.ndarray | list[np.ndarray]:
+    """llama.cpp's float32 logits [T, V] for one token sequence (or a list of them), f32 KV cache;
+    lora_path: a GGUF LoRA adapter applied to the model at load time (scale 1)."""
     single = len(tokens) > 0 and np.ndim(tokens[0]) == 0
     seqs = [list(map(int, tokens))] if single else [list(map(int, t)) for t in tokens]
-    out = run_in_child("logits", path=str(gguf_path), seqs=seqs, n_threads=n_threads)
+    out = run_in_child("logits", path=str(gguf_path), seqs=seqs, n_threads=n_threads,
+                       lora_path=None if lora_path is None else str(lora_path))
     return out[0] if single else out
 
 
@@ -223,10 +227,11 @@ def _child_main(request: str, result: str, stream_fd: str | None = None) -> None
 
 
 def open_llama(path: str, n_ctx: int, logits_all: bool = True, n_threads: int = LLAMA_THREADS, seed: int = 0,
-               verbose: bool = False):
+               verbose: bool = False, lora_path: str | None = None):
     """llama_cpp.Llama with an f32 KV cache and `use_extra_bufts` off (see the module docstring).
     verbose: llama.cpp logs everything to stderr (the child jobs do, so a failed load can say why;
     with it off, llama-cpp-python hides the load's log, its error lines included).
+    lora_path: a GGUF LoRA adapter llama.cpp applies to the model (scale 1).
 
     The high-level Llama builds its model params from llama_model_default_params() inside
     __init__ and exposes no switch for use_extra_bufts, so that function is swapped for the
@@ -246,7 +251,7 @@ def open_llama(path: str, n_ctx: int, logits_all: bool = True, n_threads: int = 
     try:
         llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
                               type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, seed=seed,
-                              n_threads=n_threads, n_threads_batch=n_threads, verbose=verbose)
+                              n_threads=n_threads, n_threads_batch=n_threads, verbose=verbose, lora_path=lora_path)
     finally:
         lib.llama_model_default_params = defaults
     assert not llm.model_params.use_extra_bufts
@@ -260,8 +265,8 @@ def _check_context(llm, n_tokens: int) -> None:
         raise ValueError(f"{n_tokens} tokens do not fit the model's context_length {n_ctx_train}")
 
 
-def _job_logits(path: str, seqs: list[list[int]], n_threads: int) -> list[np.ndarray]:
-    llm = open_llama(path, n_ctx=max(len(s) for s in seqs), n_threads=n_threads, verbose=True)
+def _job_logits(path: str, seqs: list[list[int]], n_threads: int, lora_path: str | None = None) -> list[np.ndarray]:
+    llm = open_llama(path, n_ctx=max(len(s) for s in seqs), n_threads=n_threads, verbose=True, lora_path=lora_path)
     _check_context(llm, max(len(s) for s in seqs))
     out = []
     for seq in seqs:

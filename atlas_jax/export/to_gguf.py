@@ -1,12 +1,17 @@
 """Export a trained Atlas checkpoint as a GGUF file for llama.cpp.
 
     python -m atlas_jax.export.to_gguf runs/shakespeare --out shakespeare.gguf [--type q8_0] [--name NAME]
+    python -m atlas_jax.export.to_gguf runs/lora --out adapter.gguf --adapter [--type f16]
 
 (also `python scripts/to_gguf.py ...`). q4_0 is calibrated by default: GPTQ on the run's train split
 (atlas_jax/export/quantize.py), the same Q4_0 blocks with less error; --no-calibrate rounds each
 weight on its own (gguf.quants).
 
-RUN_DIR_OR_CHECKPOINT is a run dir (its latest checkpoint) or one checkpoint's step dir.
+RUN_DIR_OR_CHECKPOINT is a run dir (its latest checkpoint) or one checkpoint's step dir. A LoRA run
+exports the merged model (its adapters folded into the base); with --adapter, only its adapters, as
+a GGUF LoRA adapter llama.cpp applies to the base's GGUF at load time (`llama-cli -m base.gguf --lora
+adapter.gguf`; atlas_jax/export/gguf_lora.py), f32 or f16, after checking that the base the run
+names is still the one it was trained on (lora_base.json).
 Types: f32, f16, bf16, q8_0, q4_0 (written here), q4_k_m, q5_k_m, q6_k (llama.cpp's quantizer,
 needs llama-cpp-python). See atlas_jax/export/gguf.py for what each keeps at higher precision.
 A file llama.cpp may not reproduce exactly (a unigram tokenizer) is still written, with one
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="q4_0: round each weight to its nearest code instead of GPTQ on the run's train split")
     p.add_argument("--calibration-windows", type=int, default=32, metavar="N",
                    help="q4_0: train windows of data.seq_len tokens GPTQ measures inputs on (default 32)")
+    p.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write its adapters as a GGUF LoRA adapter for the base's GGUF (f32 or f16)")
     args = p.parse_args(argv)
     if args.calibration_windows < 1:
         raise ExportError(f"--calibration-windows {args.calibration_windows}: must be at least 1 "
@@ -76,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
 
     run_dir, step_dir = find_checkpoint(args.checkpoint)
     refuse_run_files(args.out, run_dir)
+    if args.adapter:
+        return _export_adapter(args, run_dir, step_dir, start)
     from atlas_jax.init_from import load_model
 
     params, cfg, tokenizer = load_model(args.checkpoint)  # a LoRA run: merged into its base
@@ -95,6 +104,33 @@ def main(argv: list[str] | None = None) -> int:
         raise ExportError(f"--out {args.out}: writing the GGUF file failed ({e.strerror or e}); "
                           f"nothing was replaced, free space or choose another --out") from None
     print(f"wrote {out} ({args.ftype}{how}, {out.stat().st_size / 2**20:.2f} MiB, {cfg.model.arch}, from {step_dir}) "
+          f"in {time.perf_counter() - start:.1f}s")
+    return 0
+
+
+def _export_adapter(args, run_dir: Path, step_dir: Path, start: float) -> int:
+    from atlas_jax.checkpoint import checkpoint_config, load_adapters
+    from atlas_jax.data.prepare import run_data_dir
+    from atlas_jax.export.gguf_lora import ADAPTER_FTYPES, export_lora_gguf
+    from atlas_jax.init_from import base_params
+
+    if checkpoint_config(step_dir).lora.rank == 0:
+        raise ExportError(f"{args.checkpoint}: --adapter exports a LoRA run's adapters, but this run has none "
+                          f"(lora.rank is 0); drop --adapter to export its model")
+    if args.ftype not in ADAPTER_FTYPES:
+        raise ExportError(f"--type {args.ftype} with --adapter: adapter tensors are written as "
+                          f"{' or '.join(ADAPTER_FTYPES)}; pass --type f32 or --type f16")
+    adapters, cfg, _ = load_adapters(step_dir)
+    refuse_run_files(args.out, run_data_dir(cfg.data, run_dir), where="the run's data dir")
+    base = base_params(cfg, run_dir)  # the base still the one the adapters were trained on (lora_base.json)
+    try:
+        out = export_lora_gguf(adapters, base, cfg.model, cfg.lora, args.out, args.ftype,
+                               args.name or Path(run_dir).resolve().name)
+    except OSError as e:
+        raise ExportError(f"--out {args.out}: writing the GGUF file failed ({e.strerror or e}); "
+                          f"nothing was replaced, free space or choose another --out") from None
+    print(f"wrote {out} (LoRA adapter, {args.ftype}, rank {cfg.lora.rank}, {out.stat().st_size / 2**20:.2f} MiB, "
+          f"{cfg.model.arch}, for the GGUF of {cfg.train.init_from}, from {step_dir}) "
           f"in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -2,13 +2,16 @@
 
     python -m atlas_jax.hf import SRC --out RUN_DIR [--force]
     python -m atlas_jax.hf export RUN_DIR --out HF_DIR [--dtype float32|bfloat16|float16] [--max-shard-size 5GB] [--force]
+    python -m atlas_jax.hf export LORA_RUN --out ADAPTER_DIR --adapter [--dtype ...] [--force]
 
 import: SRC is a local Hugging Face model directory (config.json, model.safetensors or a sharded
 index, tokenizer files) or a hub id (downloaded with huggingface_hub into its cache). RUN_DIR gets
 config.yaml, the tokenizer and a step-0 checkpoint (params only) that generate, to_gguf and
 `train.init_from=run:RUN_DIR` take like any run.
 export: RUN_DIR (its latest checkpoint) or one step dir -> a directory that
-transformers.AutoModelForCausalLM / AutoTokenizer load with no custom code.
+transformers.AutoModelForCausalLM / AutoTokenizer load with no custom code (a LoRA run: the merged
+model). With --adapter, a LoRA run's adapters only, as a PEFT adapter directory (adapter_config.json,
+adapter_model.safetensors) for its base exported the same way (atlas_jax/hf/adapter.py).
 Both write into a temporary directory and rename it when complete; an existing --out is replaced
 only with --force. Every refusal is one `error: ...` line and exit 2.
 """
@@ -40,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     e.add_argument("--max-shard-size", default="5GB", help="split model.safetensors past this size (default 5GB)")
     e.add_argument("--force", action="store_true", help="replace --out when it exists")
+    e.add_argument("--adapter", action="store_true",
+                   help="a LoRA run: write its adapters as a PEFT adapter directory instead of the merged model")
     args = p.parse_args(argv)
 
     from atlas_jax.hf.io import parse_size
@@ -49,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.cmd == "import":
         import_model(args.src, args.out, force=args.force, log=log)
+    elif args.adapter:
+        from atlas_jax.hf.adapter import export_adapter
+
+        export_adapter(args.run, args.out, dtype=args.dtype, force=args.force, log=log)
     else:
         export_run(args.run, args.out, dtype=args.dtype, max_shard_bytes=parse_size(args.max_shard_size),
                    force=args.force, log=log)
