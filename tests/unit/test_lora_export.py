@@ -182,9 +182,8 @@ def _one_line(r: subprocess.CompletedProcess, *needles: str) -> None:
         assert n in lines[0], (n, lines[0])
 
 
+@pytest.mark.parametrize("runs", ["llama"], indirect=True)  # one architecture is enough for the refusals
 def test_adapter_refusals_are_one_line(runs, tmp_path):
-    if runs["arch"] != "llama":
-        pytest.skip("one architecture is enough for the refusals")
     from atlas_jax.errors import AtlasError
     from atlas_jax.export.to_gguf import main as to_gguf
     from atlas_jax.hf.__main__ import main as hf
