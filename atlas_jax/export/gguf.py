@@ -437,7 +437,8 @@ def check_exportable(cfg: ModelConfig) -> None:
 
 def export_gguf(params: Mapping, model_cfg: ModelConfig, tokenizer_path: str | Path, out_path: str | Path,
                 ftype: str = "f32", name: str | None = None, write_output_for_tied: bool = False,
-                add_bos: bool = False, calibration: Mapping[str, np.ndarray] | None = None) -> Path:
+                add_bos: bool = False, calibration: Mapping[str, np.ndarray] | None = None,
+                chat_template: str | None = None) -> Path:
     """Write `params` (an Atlas model built from the resolved `model_cfg`) and its tokenizer as GGUF.
 
     The file appears at `out_path` only when complete (written under a temporary name, then renamed).
@@ -447,6 +448,8 @@ def export_gguf(params: Mapping, model_cfg: ModelConfig, tokenizer_path: str | P
     calibration: {Dense path: input second moment H} (`quantize.input_hessians` on text the model saw):
     q4_0 matrices are then quantized by GPTQ (`quantize.gptq_q4_0`) instead of rounding each weight
     to its nearest code; the file format is the same.
+    chat_template: the Jinja text of a fine-tuned run (tokenizer.chat_template: llama.cpp's chat
+    completion and Ollama/LM Studio render prompts with it).
     """
     if ftype not in ALL_FTYPES:
         raise ExportError(f"--type '{ftype}' is not one of {', '.join(ALL_FTYPES)}")
@@ -464,7 +467,8 @@ def export_gguf(params: Mapping, model_cfg: ModelConfig, tokenizer_path: str | P
     if ftype in LLAMACPP_FTYPES:  # f32 first, then llama.cpp's own quantizer
         f32 = _temp_path(out_path)
         try:
-            export_gguf(params, cfg, tokenizer_path, f32, "f32", name, write_output_for_tied, add_bos)
+            export_gguf(params, cfg, tokenizer_path, f32, "f32", name, write_output_for_tied, add_bos,
+                        chat_template=chat_template)
             tmp = _temp_path(out_path)
             try:
                 llamacpp_quantize(f32, tmp, ftype)
@@ -476,6 +480,8 @@ def export_gguf(params: Mapping, model_cfg: ModelConfig, tokenizer_path: str | P
         return out_path
 
     meta = {**model_metadata(cfg, ftype, name), **tokenizer_metadata(tokenizer_path, cfg.vocab_size, add_bos)}
+    if chat_template:
+        meta[Keys.Tokenizer.CHAT_TEMPLATE] = (chat_template, VT.STRING, None)
     tensors = gguf_tensors(params, cfg, write_output_for_tied)
     tmp = _temp_path(out_path)
     try:

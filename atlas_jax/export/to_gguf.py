@@ -97,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
         how = f", GPTQ on {args.calibration_windows} train windows"
     try:
         with _export_warnings_as_lines():
+            from atlas_jax.finetune.templates import run_template
+            template = run_template(run_dir)  # a fine-tuned run's chat template travels with the file
             out = export_gguf(params, cfg.model, tokenizer, args.out, args.ftype,
                               args.name or Path(run_dir).resolve().name, args.write_output_for_tied,
-                              calibration=calibration)
+                              calibration=calibration, chat_template=template.source if template else None)
     except OSError as e:  # disk full, the directory went away: the temporary is gone, --out untouched
         raise ExportError(f"--out {args.out}: writing the GGUF file failed ({e.strerror or e}); "
                           f"nothing was replaced, free space or choose another --out") from None

@@ -126,7 +126,23 @@ def export_run(run: str | Path, out: str | Path, dtype: str = "float32", max_sha
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n", encoding="utf-8")
         files = write_safetensors(hf_tensors(params, m), tmp, max_shard_bytes, dtype)
         write_hf_tokenizer(tok, tmp, model_max_length=m.max_seq_len)
+        _write_chat_template(ckpt.find_checkpoint(run)[0], tmp)
         staging.commit()
     log(f"exported {run} as {hf['architectures'][0]} to {out} ({len(files)} safetensors file"
         f"{'s' if len(files) > 1 else ''}, {dtype})")
     return out
+
+
+def _write_chat_template(run_dir: Path, out: Path) -> None:
+    """A fine-tuned run's chat template, where transformers looks for it: chat_template.jinja and the
+    tokenizer_config.json's chat_template (tokenizer.apply_chat_template renders it)."""
+    from atlas_jax.finetune.templates import RUN_FILE, run_template
+
+    template = run_template(run_dir)
+    if template is None:
+        return
+    (out / RUN_FILE).write_text(template.source, encoding="utf-8")
+    config_path = out / "tokenizer_config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["chat_template"] = template.source
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

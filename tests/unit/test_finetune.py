@@ -98,6 +98,52 @@ def test_sft_lowers_held_out_completion_loss_and_chats(setup, tmp_path):
     r = _cli("atlas_jax.generate", "--checkpoint", str(run), "--chat", "--prompt", "Continue ROMEO's speech: O",
              "--max-new-tokens", "8", "--temperature", "0")
     assert r.returncode == 0 and "<|im_start|>" not in r.stdout, r.stderr
+    _check_chat_template_travels(run, tmp_path)
+
+
+CHAT_PROMPT = "Continue JULIET's speech: Romeo,  where art thou?"
+LLAMACPP_CHAT = """
+import json, sys
+from llama_cpp import Llama, llama_chat_format
+llm = Llama(model_path=sys.argv[1], vocab_only=True, verbose=False)
+template = llm.metadata["tokenizer.chat_template"]
+fmt = llama_chat_format.Jinja2ChatFormatter(template=template, eos_token="</s>", bos_token="<s>")
+result = fmt(messages=[{"role": "user", "content": sys.argv[2]}])
+ids = llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special, special=True)
+print(json.dumps({"chat_format": llm.chat_format, "ids": ids}))
+"""
+
+
+def _check_chat_template_travels(run: Path, tmp_path: Path) -> None:
+    """The run's template reaches GGUF (llama.cpp's chat completion renders it into the same prompt
+    tokens generate --chat uses) and the Hugging Face export (apply_chat_template: the same text)."""
+    import argparse
+
+    import transformers
+
+    from atlas_jax.generate import Session
+
+    gguf_path = tmp_path / "sft.gguf"
+    r = subprocess.run([sys.executable, "-m", "atlas_jax.export.to_gguf", str(run), "--out", str(gguf_path)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    args = argparse.Namespace(checkpoint=str(run), chat=True, chat_template=None, max_new_tokens=None, temperature=None,
+                              top_k=None, top_p=None, seed=None, num_samples=1)
+    atlas_ids = Session(args).encode(CHAT_PROMPT)
+    r = subprocess.run([sys.executable, "-c", LLAMACPP_CHAT, str(gguf_path), CHAT_PROMPT], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["chat_format"] == "chat_template.default"  # llama.cpp took the file's template
+    assert got["ids"] == atlas_ids
+    hf_dir = tmp_path / "hf"
+    r = subprocess.run([sys.executable, "-m", "atlas_jax.hf", "export", str(run), "--out", str(hf_dir)],
+                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert r.returncode == 0, r.stderr
+    hf_tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    text = hf_tok.apply_chat_template([{"role": "user", "content": CHAT_PROMPT}], tokenize=False,
+                                      add_generation_prompt=True)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == atlas_ids
 
 
 def test_dpo_raises_held_out_reward_accuracy(setup, tmp_path):
