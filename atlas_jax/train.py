@@ -209,27 +209,49 @@ def _finetune_val_set(cfg: Config, ft: _FinetuneData, n_devices: int):
 
 
 def plot_loss_curve(run_dir: Path) -> Path | None:
-    """loss.png: train loss per step and val loss at each eval, from metrics.jsonl."""
+    """loss.png: train loss per step and val loss at each eval, from metrics.jsonl (DPO: beside the
+    reward accuracy on train steps and val pairs)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_step_train, by_step_val = {}, {}
+    by_step_train, by_step_val, acc_train, acc_val = {}, {}, {}, {}
     for r in read_metrics(run_dir):  # a resumed run re-logs steps; the last record wins
         if "loss" in r:
             by_step_train[r["step"]] = r["loss"]
         if "val_loss" in r:
             by_step_val[r["step"]] = r["val_loss"]
+        if "rewards/accuracies" in r:
+            acc_train[r["step"]] = r["rewards/accuracies"]
+        if "val_rewards/accuracies" in r:
+            acc_val[r["step"]] = r["val_rewards/accuracies"]
     if not by_step_train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
+    if acc_train:  # DPO: the loss beside the reward accuracy (train, smoothed over 20 steps; val)
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=120)
+        s = sorted(acc_train)
+        smooth = np.convolve([acc_train[i] for i in s], np.ones(20) / 20, mode="valid") if len(s) >= 20 else None
+        ax2.plot(s, [acc_train[i] for i in s], lw=0.6, alpha=0.35, label="train (per step)")
+        if smooth is not None:
+            ax2.plot(s[19:], smooth, lw=1.5, label="train (20-step mean)")
+        if acc_val:
+            v = sorted(acc_val)
+            ax2.plot(v, [acc_val[i] for i in v], "o-", lw=1.5, label="val pairs")
+        ax2.axhline(0.5, color="gray", lw=0.8, ls="--")
+        ax2.set_xlabel("step")
+        ax2.set_ylabel("rewards/accuracies (chosen > rejected)")
+        ax2.set_ylim(0, 1)
+        ax2.grid(alpha=0.3)
+        ax2.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
     s = sorted(by_step_train)
     ax.plot(s, [by_step_train[i] for i in s], label="train loss", lw=1, alpha=0.8)
     if by_step_val:
         v = sorted(by_step_val)
         ax.plot(v, [by_step_val[i] for i in v], "o-", label="val loss", lw=1.5)
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("DPO loss" if acc_train else "cross-entropy (nats/token)")
     ax.set_title(f"{Path(run_dir).name}")
     ax.grid(alpha=0.3)
     ax.legend()
