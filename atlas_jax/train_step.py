@@ -137,6 +137,20 @@ def _objective(terms: dict, cfg: Config):
     return objective(terms, cfg.model)
 
 
+class Bound:
+    """A jitted (x, batch, base) with `base` bound: called as f(x, batch); .lower(x, batch) for AOT
+    compilation and memory analysis, as on the jitted function itself."""
+
+    def __init__(self, jitted, base):
+        self.jitted, self.base = jitted, base
+
+    def __call__(self, x, batch):
+        return self.jitted(x, batch, self.base)
+
+    def lower(self, x, batch):
+        return self.jitted.lower(x, batch, self.base)
+
+
 def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree, base: PyTree | None = None,
                     base_shardings: PyTree | None = None) -> Callable:
     """The jitted (state, batch) -> (state, metrics). LoRA: `base` (the frozen params, in
@@ -210,7 +224,7 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree, base: PyTree | N
 
     jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), base_shardings),
                      out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
-    return lambda state, batch: jitted(state, batch, base)
+    return Bound(jitted, base)
 
 
 def split_microbatches(batch: dict, n_micro: int, mesh: Mesh) -> dict:
@@ -267,4 +281,4 @@ def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree, base: PyTre
 
     jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh), base_shardings),
                      out_shardings=replicated(mesh))
-    return lambda params, batch: jitted(params, batch, base)
+    return Bound(jitted, base)
