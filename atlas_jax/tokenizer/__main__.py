@@ -9,12 +9,13 @@ checks), so it sits above both the tokenizer and the data floor.
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 from atlas_jax.config import DataConfig
 from atlas_jax.data.corpora import resolve_sources
 from atlas_jax.data.prepare import iter_texts
-from atlas_jax.errors import ConfigError, run_cli
+from atlas_jax.errors import ConfigError, DataError, run_cli
 from atlas_jax.files import writable_dir
 from atlas_jax.tokenizer import MODEL_TYPES, train_tokenizer
 
@@ -40,9 +41,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--seed must be in [0, 2**32), got {args.seed}")
     start = time.perf_counter()
     paths = resolve_sources(args.input, "--input")
+    texts = iter_texts(paths, DataConfig(text_field=args.text_field))
+    first = next((t for t in texts if t.strip()), None)  # read (and check) the input before --out exists
+    if first is None:
+        raise DataError(f"--input {' '.join(args.input)}: no text in {', '.join(map(str, paths))} (empty or only "
+                        f"whitespace); give a corpus with text to learn from")
     writable_dir(args.out, "--out")
-    tok = train_tokenizer(iter_texts(paths, DataConfig(text_field=args.text_field)), args.out,
-                          args.vocab_size, args.kind, args.seed)
+    tok = train_tokenizer(itertools.chain([first], texts), args.out, args.vocab_size, args.kind, args.seed)
     print(f"wrote {tok.path} ({args.kind}, vocab {tok.vocab_size}, sha256 {tok.sha256[:12]}) "
           f"in {time.perf_counter() - start:.1f}s")
     return 0
