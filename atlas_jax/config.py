@@ -30,6 +30,7 @@ TOKENIZER_TYPES = ("bpe", "unigram", "bytelevel")  # sentencepiece bpe/unigram; 
 TRACKERS = ("tensorboard", "mlflow", "none")
 OBJECTIVES = ("lm", "sft", "dpo")
 BASE_QUANTS = ("none", "int8", "nf4")
+DPO_REFERENCES = ("on_the_fly", "once")
 
 
 @dataclass
@@ -131,6 +132,8 @@ class TrainConfig:
     objective: str = "lm"
     dpo_beta: float = 0.1
     dpo_label_smoothing: float = 0.0  # conservative DPO: the chance a preference label is flipped
+    # on_the_fly: the reference's log-probs computed in every step | once: for all train pairs before step 1
+    dpo_reference: str = "on_the_fly"
 
 
 @dataclass
@@ -419,6 +422,7 @@ def validate(cfg: Config) -> None:
         if not 0 <= seed < 2**32:  # numpy's and sentencepiece's seeds are unsigned 32-bit
             raise ConfigError(f"{key} must be in [0, 2**32), got {seed}")
     _choice(t.objective, OBJECTIVES, "train.objective")
+    _choice(t.dpo_reference, DPO_REFERENCES, "train.dpo_reference")
     if t.objective != "lm" and t.init_from is None:
         raise ConfigError(f"train.objective={t.objective} fine-tunes a model: set train.init_from=run:PATH or hf:SRC")
     if t.dpo_beta <= 0:

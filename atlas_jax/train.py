@@ -192,6 +192,32 @@ def _finetune_data(cfg: Config, tokenizer) -> _FinetuneData:
                          template, len(train_idx), len(val_idx), truncated)
 
 
+def _reference_once(cfg: Config, ft: _FinetuneData, mesh, base, base_sh) -> dict | None:
+    """train.dpo_reference=once: the reference's summed reply log-probs of every train pair, computed
+    before step 1 ({"chosen_ref_logps": [N], "rejected_ref_logps": [N]}); None: on the fly."""
+    if cfg.train.dpo_reference != "once":
+        return None
+    if jax.process_count() > 1:
+        raise AtlasError("train.dpo_reference=once runs in one process; use on_the_fly with several processes")
+    from atlas_jax.finetune.batches import as_batch
+    from atlas_jax.train_step import make_reference_logps
+
+    start = time.perf_counter()
+    fn = make_reference_logps(cfg, mesh, base, base_sh)
+    n, b = ft.n_train, cfg.train.batch_size
+    out: dict[str, list] = {"chosen_ref_logps": [], "rejected_ref_logps": []}
+    for i in range(0, n, b):
+        idx = np.arange(i, i + b) % n  # a short last chunk is filled with rows from the start, then cut
+        chosen, rejected = jax.device_get(fn(global_batch(as_batch({k: r.take(idx) for k, r in ft.train.items()}),
+                                                          mesh)))
+        keep = min(b, n - i)
+        out["chosen_ref_logps"].append(np.asarray(chosen)[:keep])
+        out["rejected_ref_logps"].append(np.asarray(rejected)[:keep])
+    _log(f"train.dpo_reference=once: the reference's log-probs of {n:,} train pairs in "
+         f"{time.perf_counter() - start:.1f}s")
+    return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+
+
 def _finetune_val_set(cfg: Config, ft: _FinetuneData, n_devices: int):
     from atlas_jax.finetune.batches import val_batches
 
@@ -369,13 +395,6 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     abstract = abstract_state(cfg)
     shardings = state_shardings(abstract, mesh)
 
-    if finetune:
-        from atlas_jax.finetune.batches import make_example_iterator
-        it = make_example_iterator(ft.train, cfg.train.batch_size, cfg.train.seed, jax.process_index(),
-                                   jax.process_count())
-    else:
-        it = make_train_iterator(data_dir, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed,
-                                 jax.process_index(), jax.process_count())
     latest = manager.latest_step()
     base = base_sh = base_sha = None
     if cfg.lora.rank == 0 and cfg.train.objective == "dpo":  # the reference: a frozen copy of the start
@@ -396,6 +415,14 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
         base_sh = state_shardings(host_base, mesh)
         base = _place(host_base, base_sh)
         del host_base
+    if finetune:
+        from atlas_jax.finetune.batches import make_example_iterator
+        extras = _reference_once(cfg, ft, mesh, base, base_sh) if cfg.train.objective == "dpo" else None
+        it = make_example_iterator(ft.train, cfg.train.batch_size, cfg.train.seed, jax.process_index(),
+                                   jax.process_count(), extras=extras)
+    else:
+        it = make_train_iterator(data_dir, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed,
+                                 jax.process_index(), jax.process_count())
     if latest is not None:
         if latest > cfg.train.steps:
             raise AtlasError(f"{run_dir / ckpt.CHECKPOINTS / str(latest)}: the run is already at step {latest}, past "

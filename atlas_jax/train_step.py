@@ -117,8 +117,11 @@ def _terms(cfg: Config, params, base, mb: dict, key, norm):
         weights = jnp.concatenate([mb["chosen_weights"], mb["rejected_weights"]])
         b = mb["chosen_inputs"].shape[0]
         policy = sequence_logps(_apply_policy(cfg, params, base, inputs, key), targets, weights)
-        ref = jax.lax.stop_gradient(sequence_logps(Transformer(cfg.model).apply({"params": base}, inputs),
-                                                   targets, weights))
+        if "chosen_ref_logps" in mb:  # train.dpo_reference=once: computed before step 1
+            ref = jnp.concatenate([mb["chosen_ref_logps"], mb["rejected_ref_logps"]])
+        else:
+            ref = jax.lax.stop_gradient(sequence_logps(Transformer(cfg.model).apply({"params": base}, inputs),
+                                                       targets, weights))
         loss, metrics = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], cfg.train.dpo_beta,
                                  cfg.train.dpo_label_smoothing)
         return {"loss": loss, **metrics}
@@ -282,3 +285,17 @@ def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree, base: PyTre
     jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh), base_shardings),
                      out_shardings=replicated(mesh))
     return Bound(jitted, base)
+
+
+def make_reference_logps(cfg: Config, mesh: Mesh, base: PyTree, base_shardings: PyTree) -> Callable:
+    """(DPO batch) -> (chosen [B], rejected [B]) summed reply log-probs under the reference model (the
+    frozen start: under LoRA the base with adapters off), for train.dpo_reference=once."""
+    def logps(batch, base):
+        if cfg.lora.rank > 0 and cfg.lora.base_quant != "none":
+            base = L.dequantize_base(base)
+        model = Transformer(cfg.model)
+        return tuple(sequence_logps(model.apply({"params": base}, batch[f"{k}_inputs"]), batch[f"{k}_targets"],
+                                    batch[f"{k}_weights"]) for k in ("chosen", "rejected"))
+
+    jitted = jax.jit(logps, in_shardings=(batch_sharding(mesh), base_shardings), out_shardings=replicated(mesh))
+    return lambda batch: jitted(batch, base)

@@ -27,8 +27,10 @@ def as_batch(rows: dict[str, Rows]) -> dict[str, np.ndarray]:
 
 
 class _StepRows:
-    def __init__(self, rows: dict[str, Rows], global_batch: int, seed: int, local: slice):
+    def __init__(self, rows: dict[str, Rows], global_batch: int, seed: int, local: slice,
+                 extras: dict[str, np.ndarray] | None = None):
         self.rows, self.global_batch, self.seed, self.local = rows, global_batch, seed, local
+        self.extras = extras or {}  # per-row arrays added to the batch (DPO's reference log-probs)
         self.n = len(next(iter(rows.values())))
 
     def indices(self, step: int) -> np.ndarray:
@@ -42,16 +44,17 @@ class _StepRows:
 
     def __call__(self, step: int) -> dict[str, np.ndarray]:
         idx = self.indices(step)
-        return as_batch({k: r.take(idx) for k, r in self.rows.items()})
+        return {**as_batch({k: r.take(idx) for k, r in self.rows.items()}),
+                **{k: v[idx] for k, v in self.extras.items()}}
 
 
 def make_example_iterator(rows: dict[str, Rows], global_batch: int, seed: int, process_index: int = 0,
-                          process_count: int = 1):
+                          process_count: int = 1, extras: dict[str, np.ndarray] | None = None):
     """An endless grain iterator (get_state / set_state resume at a batch exactly)."""
     if global_batch % process_count:
         raise ConfigError(f"train.batch_size={global_batch} is not divisible by the {process_count} JAX processes")
     b = global_batch // process_count
-    fn = _StepRows(rows, global_batch, seed, slice(process_index * b, (process_index + 1) * b))
+    fn = _StepRows(rows, global_batch, seed, slice(process_index * b, (process_index + 1) * b), extras)
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
     return iter(grain.MapDataset.range(2**62).map(fn).to_iter_dataset(options))
 
