@@ -157,9 +157,19 @@ def test_dpo_raises_held_out_reward_accuracy(setup, tmp_path):
     run = tmp_path / "dpo"
     r = _cli("atlas_jax.train", f"train.run_dir={run}", f"train.init_from=run:{base}", "train.objective=dpo",
              f"data.sources={pairs}", "train.steps=30", "train.eval_interval=15",
-             "train.checkpoint_interval=30", "train.lr=3e-3", "train.dpo_beta=0.1")
+             "train.checkpoint_interval=30", "train.lr=3e-3", "train.dpo_beta=0.1", "train.schedule=constant")
     assert r.returncode == 0, r.stderr
     m = _metrics(run)
+    # the reference's log-probs computed once before step 1 give the same steps as computing them live
+    once = tmp_path / "dpo-once"
+    r = _cli("atlas_jax.train", f"train.run_dir={once}", f"train.init_from=run:{base}", "train.objective=dpo",
+             f"data.sources={pairs}", "train.steps=4", "train.eval_interval=100", "train.checkpoint_interval=4",
+             "train.lr=3e-3", "train.dpo_beta=0.1", "train.schedule=constant", "train.dpo_reference=once")
+    assert r.returncode == 0 and "train.dpo_reference=once: the reference's log-probs of" in r.stderr, r.stderr
+    live = {x["step"]: x["loss"] for x in m if "loss" in x and "val_loss" not in x}
+    for x in _metrics(once):
+        if "loss" in x:
+            assert abs(x["loss"] - live[x["step"]]) <= 1e-5, (x, live[x["step"]])
     first = next(x for x in m if x.get("step") == 1)
     assert first["rewards/accuracies"] == 0.5 and first["rewards/margins"] == 0.0  # policy == reference
     val = [x for x in m if "val_rewards/accuracies" in x]
