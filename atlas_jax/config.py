@@ -96,6 +96,9 @@ class DataConfig:
     num_workers: int = 2
     # train.objective sft | dpo: a built-in chat template (chatml) or a .jinja file (atlas_jax/finetune/templates.py)
     chat_template: str = "chatml"
+    # train.objective sft: pack conversations greedily into rows of seq_len + 1 (attention kept inside
+    # each one: the batch gains "segment_ids" and "positions") instead of one padded row each; dpo: padded
+    pack: bool = False
 
 
 @dataclass
@@ -429,6 +432,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.dpo_beta must be positive, got {t.dpo_beta}")
     if not 0.0 <= t.dpo_label_smoothing < 0.5:
         raise ConfigError(f"train.dpo_label_smoothing must be in [0, 0.5), got {t.dpo_label_smoothing}")
+    if d.pack and t.objective != "sft":
+        raise ConfigError(f"data.pack packs SFT conversations; train.objective={t.objective} takes no packing "
+                          "(set data.pack: false)")
     lo = cfg.lora
     if lo.rank < 0:
         raise ConfigError(f"lora.rank must be >= 0 (0 = no adapters), got {lo.rank}")

@@ -34,7 +34,8 @@ z-losses into the `moe_aux` collection; `loss_terms` averages them over the MoE 
 `loss_fn` adds them to the cross-entropy with model.moe_aux_loss_coef / model.moe_z_loss_coef.
 
 Two entry points, sharing params:
-- `model.apply(params, tokens_BxT)` -> logits_BxTxV (float32): training and evaluation.
+- `model.apply(params, tokens_BxT)` -> logits_BxTxV (float32): training and evaluation; packed SFT
+  rows add `positions_BxT` and `segment_ids_BxT` (attention kept inside each segment).
 - `model.apply(params, tokens_BxT, positions_BxT, cache, method=Transformer.decode)`
   -> (logits_BxTxV, cache): prefill and one-token-at-a-time decoding with a KV cache (`init_cache`).
 """
@@ -146,10 +147,29 @@ def attention_impl(cfg: ModelConfig) -> str:
     return "einsum"
 
 
-def attention(q, k, v, impl: str) -> Array:
-    """Causal attention; q [B,T,N,H], k/v [B,S,K,H], K divides N."""
+@functools.cache
+def _warn_cudnn_masked() -> None:
+    warnings.warn("model.attention=cudnn: packed rows (segment ids) run XLA's attention kernel, "
+                  "cuDNN's is not tested with a segment mask here", stacklevel=3)
+
+
+def segment_mask(segment_ids_BxT: Array) -> Array:
+    """mask_BxTxT: query t sees key s when s <= t and both lie in the same segment (packed rows)."""
+    t = segment_ids_BxT.shape[1]
+    causal_TxT = jnp.tril(jnp.ones((t, t), bool))
+    return causal_TxT[None] & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
+
+
+def attention(q, k, v, impl: str, mask_BxTxS: Array | None = None) -> Array:
+    """Causal attention; q [B,T,N,H], k/v [B,S,K,H], K divides N. mask_BxTxS (True = attend) replaces
+    the causal mask when given (packed rows: `segment_mask`)."""
     if impl == "einsum":
-        return einsum_attention(q, k, v, None)
+        return einsum_attention(q, k, v, mask_BxTxS)
+    if mask_BxTxS is not None:
+        if impl == "cudnn":
+            _warn_cudnn_masked()
+        # dot_product_attention's mask broadcasts to [B, N, T, S].
+        return jax.nn.dot_product_attention(q, k, v, mask=mask_BxTxS[:, None], implementation="xla")
     implementation = "cudnn" if impl == "cudnn" and _has_gpu() else "xla"
     return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
 
@@ -204,7 +224,7 @@ class Attention(nn.Module):
             out = from_grouped(grouped_attention(to_grouped(q, c.n_kv_heads), k_all.astype(q.dtype),
                                                  v_all.astype(q.dtype), mask_BxTxS))
         else:
-            out = attention(q, k, v, attention_impl(c))
+            out = attention(q, k, v, attention_impl(c), mask_BxTxS)
         return self.wo(out.reshape(b, t, c.n_heads * c.head_dim)), new_cache
 
 
@@ -322,15 +342,29 @@ class Transformer(nn.Module):
         logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
         return logits.astype(jnp.float32)
 
-    def __call__(self, tokens_BxT: Array, deterministic: bool = True) -> Array:
-        """Causal forward over whole sequences -> float32 logits_BxTxV."""
+    def __call__(self, tokens_BxT: Array, deterministic: bool = True, positions_BxT: Array | None = None,
+                 segment_ids_BxT: Array | None = None) -> Array:
+        """Causal forward over whole sequences -> float32 logits_BxTxV.
+
+        Packed rows (SFT, data.pack): segment_ids_BxT (int, one id per example in the row) keeps
+        attention inside each segment (a token sees the earlier tokens of its own segment only);
+        positions_BxT (int, restarting at 0 in each segment) feed RoPE / the position table. Either
+        None -> the plain causal forward with positions 0..T-1, the same code as without them."""
         b, t = tokens_BxT.shape
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} is longer than model.max_seq_len={self.cfg.max_seq_len}")
-        positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        else:
+            positions_BxT = positions_BxT.astype(jnp.int32)
         x = self._embed(tokens_BxT, positions_BxT, deterministic)
-        for layer in self.layers:
-            x, _ = layer(x, positions_BxT, deterministic)
+        if segment_ids_BxT is None:
+            for layer in self.layers:
+                x, _ = layer(x, positions_BxT, deterministic)
+        else:
+            mask_BxTxT = segment_mask(segment_ids_BxT)
+            for layer in self.layers:
+                x, _ = layer(x, positions_BxT, deterministic, None, None, mask_BxTxT)
         return self._head(x)
 
     def decode(self, tokens_BxT: Array, positions_BxT: Array, cache: PyTree):
@@ -395,18 +429,22 @@ LOSS_TERMS = ("loss", "moe_load_balance", "moe_router_z")  # loss_terms' keys (t
 
 def loss_terms(params: PyTree, cfg: ModelConfig, tokens_BxT: Array, targets_BxT: Array,
                dropout_key: Array | None = None, weights_BxT: Array | None = None,
-               normalizer: Array | None = None) -> dict[str, Array]:
+               normalizer: Array | None = None, positions_BxT: Array | None = None,
+               segment_ids_BxT: Array | None = None) -> dict[str, Array]:
     """{"loss": mean next-token cross-entropy in nats} and, for MoE models, the unweighted auxiliary
     losses averaged over the MoE layers: "moe_load_balance" (1.0 when balanced) and "moe_router_z".
     weights_BxT: per-target weights (SFT's loss mask); normalizer: divide the weighted sum by this
-    instead of the weights' own sum (a whole batch's count, for microbatches)."""
+    instead of the weights' own sum (a whole batch's count, for microbatches); positions_BxT /
+    segment_ids_BxT: packed rows (`Transformer.__call__`; the batch's "positions" / "segment_ids")."""
     rngs = {"dropout": dropout_key} if dropout_key is not None else None
     model = Transformer(cfg)
     if cfg.moe_experts == 0:
-        logits = model.apply({"params": params}, tokens_BxT, dropout_key is None, rngs=rngs)
+        logits = model.apply({"params": params}, tokens_BxT, dropout_key is None, positions_BxT, segment_ids_BxT,
+                             rngs=rngs)
         total, count = cross_entropy(logits, targets_BxT, weights_BxT)
         return {"loss": total / (count if normalizer is None else normalizer)}
-    logits, sown = model.apply({"params": params}, tokens_BxT, dropout_key is None, rngs=rngs, mutable=[MOE_AUX])
+    logits, sown = model.apply({"params": params}, tokens_BxT, dropout_key is None, positions_BxT, segment_ids_BxT,
+                               rngs=rngs, mutable=[MOE_AUX])
     total, count = cross_entropy(logits, targets_BxT, weights_BxT)
     terms = {"loss": total / (count if normalizer is None else normalizer)}
     for name, key in zip(LOSS_TERMS[1:], ("load_balance", "router_z")):

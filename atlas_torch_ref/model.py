@@ -81,12 +81,15 @@ def make_norm(cfg: RefConfig) -> nn.Module:
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)  # scale and bias
 
 
-def rope(x_BxNxTxH: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate each adjacent pair (x[2i], x[2i+1]) at position t by the angle t * theta^(-2i/H)."""
-    t, h = x_BxNxTxH.shape[-2:]
+def rope(x_BxNxTxH: torch.Tensor, theta: float, positions_BxT: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate each adjacent pair (x[2i], x[2i+1]) at position p by the angle p * theta^(-2i/H); p is the
+    token's index t, or positions_BxT[b, t] when given (packed rows)."""
+    b, _, t, h = x_BxNxTxH.shape
     inv_freq_H2 = (theta ** (-torch.arange(0, h, 2, dtype=torch.float64) / h)).float()
-    angle_TxH2 = torch.arange(t, dtype=torch.float32)[:, None] * inv_freq_H2[None, :]
-    cos, sin = angle_TxH2.cos(), angle_TxH2.sin()
+    if positions_BxT is None:
+        positions_BxT = torch.arange(t).expand(b, t)
+    angle_Bx1xTxH2 = positions_BxT.float()[:, None, :, None] * inv_freq_H2
+    cos, sin = angle_Bx1xTxH2.cos(), angle_Bx1xTxH2.sin()
     even, odd = x_BxNxTxH[..., 0::2], x_BxNxTxH[..., 1::2]
     out = torch.empty_like(x_BxNxTxH)
     out[..., 0::2] = even * cos - odd * sin
@@ -105,7 +108,8 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * dh, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * dh, cfg.d_model, bias=bias)
 
-    def forward(self, x_BxTxD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BxTxD: torch.Tensor, positions_BxT: torch.Tensor | None = None,
+                segment_ids_BxT: torch.Tensor | None = None) -> torch.Tensor:
         c = self.cfg
         b, t, _ = x_BxTxD.shape
         dh = c.head_dim
@@ -113,14 +117,21 @@ class Attention(nn.Module):
         k = self.wk(x_BxTxD).view(b, t, c.n_kv_heads, dh).transpose(1, 2)  # B,KV,T,Dh
         v = self.wv(x_BxTxD).view(b, t, c.n_kv_heads, dh).transpose(1, 2)
         if c.arch == "llama":
-            q, k = rope(q, c.rope_theta), rope(k, c.rope_theta)
+            q, k = rope(q, c.rope_theta, positions_BxT), rope(k, c.rope_theta, positions_BxT)
         # Query head h reads kv head h // group: repeat each kv head `group` times in place.
         group = c.n_heads // c.n_kv_heads
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
         scores_BxHxTxT = q @ k.transpose(-2, -1) / math.sqrt(dh)
-        causal_TxT = torch.ones(t, t, dtype=torch.bool).tril()
-        scores_BxHxTxT = scores_BxHxTxT.masked_fill(~causal_TxT, float("-inf"))
+        allowed_BxTxT = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t)
+        if segment_ids_BxT is not None:
+            # Packed rows: query i may read key j only when j <= i and both carry the same segment id.
+            same_BxTxT = torch.zeros(b, t, t, dtype=torch.bool)
+            for i in range(t):
+                for j in range(i + 1):
+                    same_BxTxT[:, i, j] = segment_ids_BxT[:, i] == segment_ids_BxT[:, j]
+            allowed_BxTxT = allowed_BxTxT & same_BxTxT
+        scores_BxHxTxT = scores_BxHxTxT.masked_fill(~allowed_BxTxT[:, None], float("-inf"))
         probs = torch.softmax(scores_BxHxTxT, dim=-1)
         out = (probs @ v).transpose(1, 2).reshape(b, t, c.n_heads * dh)
         return self.wo(out)
@@ -192,8 +203,9 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(cfg)
 
-    def forward(self, x_BxTxD: torch.Tensor) -> torch.Tensor:
-        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD))
+    def forward(self, x_BxTxD: torch.Tensor, positions_BxT: torch.Tensor | None = None,
+                segment_ids_BxT: torch.Tensor | None = None) -> torch.Tensor:
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
         ffn = self.moe if hasattr(self, "moe") else self.mlp
         return x_BxTxD + ffn(self.mlp_norm(x_BxTxD))
 
@@ -216,23 +228,26 @@ class Transformer(nn.Module):
         if not cfg.tie_embeddings:
             self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens_BxT: torch.Tensor) -> torch.Tensor:
-        """Causal forward -> logits_BxTxV."""
+    def forward(self, tokens_BxT: torch.Tensor, positions_BxT: torch.Tensor | None = None,
+                segment_ids_BxT: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal forward -> logits_BxTxV. Packed rows: positions_BxT (restarting at 0 in each segment)
+        replace 0..T-1, and segment_ids_BxT keep attention inside each segment."""
         t = tokens_BxT.shape[1]
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} > max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(tokens_BxT)
         if self.cfg.arch == "gpt2":
-            x = x + self.pos_embed(torch.arange(t))
+            x = x + self.pos_embed(torch.arange(t) if positions_BxT is None else positions_BxT.long())
         for layer in self.layers:
-            x = layer(x)
+            x = layer(x, positions_BxT, segment_ids_BxT)
         x = self.final_norm(x)
         return x @ self.embed.weight.T if self.cfg.tie_embeddings else self.lm_head(x)
 
-    def loss(self, tokens_BxT: torch.Tensor, targets_BxT: torch.Tensor) -> torch.Tensor:
+    def loss(self, tokens_BxT: torch.Tensor, targets_BxT: torch.Tensor, positions_BxT: torch.Tensor | None = None,
+             segment_ids_BxT: torch.Tensor | None = None) -> torch.Tensor:
         """Mean next-token cross-entropy in nats over all B*T targets, plus for MoE the auxiliary
         losses (averaged over the MoE layers) times their coefficients."""
-        logits = self.forward(tokens_BxT)
+        logits = self.forward(tokens_BxT, positions_BxT, segment_ids_BxT)
         ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets_BxT.reshape(-1))
         moes = [layer.moe for layer in self.layers if hasattr(layer, "moe")]
         if not moes:

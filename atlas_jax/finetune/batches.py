@@ -5,7 +5,8 @@ per epoch, epoch e in the order np.random.default_rng([seed, e]).permutation(N):
 function of (rows, seed, k), so resume needs only k, as for pretraining (data.loader). Process p of
 P yields rows [p*B/P, (p+1)*B/P) of the global batch.
 
-SFT batches: {"inputs", "targets", "weights"}; DPO batches: the same three keys prefixed with
+SFT batches: {"inputs", "targets", "weights"}, packed ones (data.pack) also "segment_ids" and
+"positions" (int32 [B, T], aligned with the inputs); DPO batches: the same three keys prefixed with
 "chosen_" and "rejected_", row i of each the same prompt.
 """
 from __future__ import annotations
@@ -23,6 +24,9 @@ def as_batch(rows: dict[str, Rows]) -> dict[str, np.ndarray]:
         out[f"{prefix}inputs"] = np.ascontiguousarray(r.tokens[:, :-1])
         out[f"{prefix}targets"] = np.ascontiguousarray(r.tokens[:, 1:])
         out[f"{prefix}weights"] = r.weights
+        if r.segments is not None:  # packed rows (data.pack): aligned with the inputs
+            out[f"{prefix}segment_ids"] = np.ascontiguousarray(r.segments[:, :-1])
+            out[f"{prefix}positions"] = np.ascontiguousarray(r.positions[:, :-1])
     return out
 
 

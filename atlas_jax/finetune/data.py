@@ -16,9 +16,14 @@ the pieces concatenated, the reply followed by the tokenizer's EOS. Exactly the 
 prompt is tokenized just as `generate --chat` tokenizes it (render with add_generation_prompt, then
 encode), so training and inference see the same prompt tokens.
 
-Rows are padded to data.seq_len + 1 tokens (pad weight 0; measured against packing in the note).
-A reply that does not fit is cut at the window (counted and logged); a prompt that alone leaves no
-room for a reply token is refused, naming the file and line.
+Rows are padded to data.seq_len + 1 tokens (pad weight 0), one conversation a row; with data.pack
+(SFT only) conversations are packed greedily, in file order, into rows of data.seq_len + 1 tokens:
+each goes into the current row if it fits in what is left, else starts the next one (the rest of the
+row padded, weight 0). A packed row carries `segments` (1, 2, ... per conversation, 0 = padding) and
+`positions` (restarting at 0 in each conversation), which the model uses to keep attention inside
+each conversation; the target that would cross into the next conversation weighs 0. A reply that
+does not fit is cut at the window (counted and logged); a prompt that alone leaves no room for a
+reply token is refused, naming the file and line.
 """
 from __future__ import annotations
 
@@ -37,16 +42,21 @@ ROLES = ("system", "user", "assistant")
 
 @dataclasses.dataclass
 class Rows:
-    """Token rows of seq_len + 1 and their loss weights (aligned with the targets, i.e. tokens[1:])."""
+    """Token rows of seq_len + 1 and their loss weights (aligned with the targets, i.e. tokens[1:]);
+    packed rows (data.pack) also carry segment ids and positions, aligned with the tokens."""
     tokens: np.ndarray  # int32 [N, T + 1]
     weights: np.ndarray  # float32 [N, T]
     truncated: int = 0  # replies cut at the window
+    segments: np.ndarray | None = None  # int32 [N, T + 1]: 1, 2, ... per conversation, 0 = padding
+    positions: np.ndarray | None = None  # int32 [N, T + 1]: restarting at 0 in each conversation
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def take(self, idx) -> "Rows":
-        return Rows(self.tokens[idx], self.weights[idx])
+        return Rows(self.tokens[idx], self.weights[idx],
+                    segments=None if self.segments is None else self.segments[idx],
+                    positions=None if self.positions is None else self.positions[idx])
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
@@ -157,6 +167,40 @@ def _pad(seqs: list[tuple[list[int], list[float]]], seq_len: int, pad_id: int) -
     return Rows(tokens, weights, truncated)
 
 
+def _pack(seqs: list[tuple[list[int], list[float]]], seq_len: int, pad_id: int) -> Rows:
+    """Greedy in-order packing into rows of seq_len + 1 tokens (a conversation longer than a row is
+    cut, as in `_pad`, and fills a row of its own)."""
+    width = seq_len + 1
+    placed: list[list[tuple[list[int], list[float]]]] = []  # per row, its conversations
+    used = width  # tokens used in the current row; width: start a new row
+    truncated = 0
+    for t, w in seqs:
+        if len(t) > width:
+            truncated += 1
+            t, w = t[:width], w[:width]
+        if used + len(t) > width:
+            placed.append([])
+            used = 0
+        placed[-1].append((t, w))
+        used += len(t)
+    n = len(placed)
+    tokens = np.full((n, width), pad_id, np.int32)
+    weights = np.zeros((n, seq_len), np.float32)
+    segments = np.zeros((n, width), np.int32)
+    positions = np.zeros((n, width), np.int32)
+    for r, row in enumerate(placed):
+        o = 0
+        for s, (t, w) in enumerate(row, 1):
+            m = len(t)
+            tokens[r, o:o + m] = t
+            segments[r, o:o + m] = s
+            positions[r, o:o + m] = np.arange(m)
+            # target j is token j + 1; the last token's target (the next conversation's first) weighs 0
+            weights[r, o:o + m - 1] = w[1:m]
+            o += m
+    return Rows(tokens, weights, truncated, segments, positions)
+
+
 def _check_fits(where: str, tokens: list[int], weights: list[float], seq_len: int) -> None:
     first_reply = weights.index(1.0) if 1.0 in weights else len(weights)
     if first_reply >= seq_len + 1:
@@ -164,7 +208,8 @@ def _check_fits(where: str, tokens: list[int], weights: list[float], seq_len: in
                         f"data.seq_len={seq_len}; raise data.seq_len or shorten the prompt")
 
 
-def sft_rows(paths: list[Path], template: ChatTemplate, tok, seq_len: int) -> Rows:
+def sft_rows(paths: list[Path], template: ChatTemplate, tok, seq_len: int, pack: bool = False) -> Rows:
+    """One padded row per conversation, or with `pack` (data.pack) conversations packed into rows."""
     seqs = []
     for path in paths:
         for line, row in read_jsonl(path):
@@ -172,7 +217,7 @@ def sft_rows(paths: list[Path], template: ChatTemplate, tok, seq_len: int) -> Ro
             t, w = encode_conversation(sft_conversation(row, where), template, tok.encode, tok.eos_id)
             _check_fits(where, t, w, seq_len)
             seqs.append((t, w))
-    return _pad(seqs, seq_len, _pad_id(tok))
+    return (_pack if pack else _pad)(seqs, seq_len, _pad_id(tok))
 
 
 def dpo_rows(paths: list[Path], template: ChatTemplate, tok, seq_len: int) -> tuple[Rows, Rows]:
