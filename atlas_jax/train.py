@@ -178,7 +178,7 @@ def _finetune_data(cfg: Config, tokenizer) -> _FinetuneData:
                         f"(see atlas_jax/finetune/data.py for the fields); name .jsonl files in data.sources")
     template = load_template(cfg.data.chat_template)
     if cfg.train.objective == "sft":
-        rows = {"": sft_rows(paths, template, tokenizer, cfg.data.seq_len)}
+        rows = {"": sft_rows(paths, template, tokenizer, cfg.data.seq_len, pack=cfg.data.pack)}
     else:
         chosen, rejected = dpo_rows(paths, template, tokenizer, cfg.data.seq_len)
         rows = {"chosen_": chosen, "rejected_": rejected}
@@ -464,7 +464,10 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
     active = f", {n_params['active']:,} active" if cfg.model.moe_experts else ""
     if cfg.lora.rank > 0:
         active += f"; LoRA trains {lora_count(abstract['params']):,} adapter params, the base is frozen"
-    data_txt = (f"{ft.n_train:,} train / {ft.n_val:,} val examples ({cfg.train.objective}"
+    rows0 = next(iter(ft.train.values())) if finetune else None
+    packed_txt = (f"{int(rows0.segments.max(axis=1).sum()):,} conversations packed into "
+                  if rows0 is not None and rows0.segments is not None else "")
+    data_txt = (f"{packed_txt}{ft.n_train:,} train / {ft.n_val:,} val rows ({cfg.train.objective}"
                 f"{f', {ft.truncated} replies cut at data.seq_len' if ft.truncated else ''})" if finetune
                 else f"{meta['splits']['train']['tokens']:,} train tokens")
     _log(f"model {cfg.model.arch}: {n_params['total']:,} params ({n_params['non_embedding']:,} non-embedding{active}); "

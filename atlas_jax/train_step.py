@@ -127,11 +127,12 @@ def _terms(cfg: Config, params, base, mb: dict, key, norm):
         return {"loss": loss, **metrics}
     weights = mb.get("weights") if objective_name == "sft" else None
     normalizer = norm if objective_name == "sft" else None
+    packed = {"positions_BxT": mb.get("positions"), "segment_ids_BxT": mb.get("segment_ids")}  # data.pack
     if cfg.lora.rank == 0:
-        return loss_terms(params, cfg.model, mb["inputs"], mb["targets"], key, weights, normalizer)
+        return loss_terms(params, cfg.model, mb["inputs"], mb["targets"], key, weights, normalizer, **packed)
     lora_key = jax.random.fold_in(key, 1) if key is not None and cfg.lora.dropout > 0 else None
     with nn.intercept_methods(L.interceptor(params, cfg.lora, lora_key)):
-        return loss_terms(base, cfg.model, mb["inputs"], mb["targets"], key, weights, normalizer)
+        return loss_terms(base, cfg.model, mb["inputs"], mb["targets"], key, weights, normalizer, **packed)
 
 
 def _objective(terms: dict, cfg: Config):
@@ -266,11 +267,12 @@ def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree, base: PyTre
                 terms = _terms(cfg, params, base, mb, None, None)
                 n = mb["chosen_inputs"].shape[0]
                 return {k: v * n for k, v in terms.items()}
+            packed = {"positions_BxT": mb.get("positions"), "segment_ids_BxT": mb.get("segment_ids")}
             if cfg.lora.rank == 0:
-                logits = model.apply({"params": params}, mb["inputs"])
+                logits = model.apply({"params": params}, mb["inputs"], **packed)
             else:
                 plain = L.dequantize_base(base) if cfg.lora.base_quant != "none" else base
-                logits = L.apply(cfg.model, plain, params, cfg.lora, mb["inputs"])
+                logits = L.apply(cfg.model, plain, params, cfg.lora, mb["inputs"], **packed)
             total, _ = cross_entropy(logits, mb["targets"], mb["weights"] if cfg.train.objective == "sft" else None)
             return total
 
