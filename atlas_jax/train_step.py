@@ -95,9 +95,14 @@ def _apply_policy(cfg: Config, params, base, inputs, key):
     rngs = {"dropout": key} if key is not None else None
     if cfg.lora.rank == 0:
         return Transformer(cfg.model).apply({"params": params}, inputs, key is None, rngs=rngs)
-    lora_key = jax.random.fold_in(key, 1) if key is not None and cfg.lora.dropout > 0 else None
-    with nn.intercept_methods(L.interceptor(params, cfg.lora, lora_key)):
+    with _adapters_in_place(cfg, params, key):
         return Transformer(cfg.model).apply({"params": base}, inputs, key is None, rngs=rngs)
+
+
+def _adapters_in_place(cfg: Config, adapters, key):
+    """The context in which the base computes with the LoRA adapters added (their dropout keyed by `key`)."""
+    lora_key = jax.random.fold_in(key, 1) if key is not None and cfg.lora.dropout > 0 else None
+    return nn.intercept_methods(L.interceptor(adapters, cfg.lora, lora_key))
 
 
 def _terms(cfg: Config, params, base, mb: dict, key, norm):
@@ -130,8 +135,7 @@ def _terms(cfg: Config, params, base, mb: dict, key, norm):
     packed = {"positions_BxT": mb.get("positions"), "segment_ids_BxT": mb.get("segment_ids")}  # data.pack
     if cfg.lora.rank == 0:
         return loss_terms(params, cfg.model, mb["inputs"], mb["targets"], key, weights, normalizer, **packed)
-    lora_key = jax.random.fold_in(key, 1) if key is not None and cfg.lora.dropout > 0 else None
-    with nn.intercept_methods(L.interceptor(params, cfg.lora, lora_key)):
+    with _adapters_in_place(cfg, params, key):
         return loss_terms(base, cfg.model, mb["inputs"], mb["targets"], key, weights, normalizer, **packed)
 
 
