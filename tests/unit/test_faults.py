@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from atlas_jax.files import LOCK_NAME, DirLock
+from cli_checks import read_only  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,23 +50,6 @@ def assert_fault(proc: subprocess.CompletedProcess, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], f"{n!r} not in {lines[0]!r}"
     return lines[0]
-
-
-@contextlib.contextmanager
-def read_only(path: Path):
-    """Make `path` unwritable even for root (the immutable attribute), or by mode bits as a fallback."""
-    immutable = shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
-    if not immutable:
-        if os.geteuid() == 0:
-            pytest.fail("cannot make a directory read-only for root here (chattr +i failed)")
-        path.chmod(0o555)
-    try:
-        yield
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-        else:
-            path.chmod(0o755)
 
 
 @pytest.fixture(scope="module")

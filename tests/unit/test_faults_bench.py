@@ -10,7 +10,6 @@ in-process.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -24,6 +23,7 @@ import pytest
 
 from atlas_jax.bench.common import BenchError
 from atlas_jax.bench.report import MARK_BEGIN, MARK_END, PNG_MAGIC, check_outputs, check_png, write_outputs
+from cli_checks import read_only  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -61,23 +61,6 @@ def assert_one_line_error(proc: subprocess.CompletedProcess, *names: str) -> str
         assert name in lines[0], f"{name!r} not in: {lines[0]}"
     assert proc.stdout == b"", proc.stdout
     return lines[0]
-
-
-@contextlib.contextmanager
-def read_only(path: Path):
-    """Make `path` unwritable even for root (the immutable attribute), or by mode bits as a fallback."""
-    immutable = shutil.which("chattr") and subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
-    if not immutable:
-        if os.geteuid() == 0:
-            pytest.fail("cannot make a directory read-only for root here (chattr +i failed)")
-        path.chmod(0o555)
-    try:
-        yield
-    finally:
-        if immutable:
-            subprocess.run(["chattr", "-i", str(path)], check=True)
-        else:
-            path.chmod(0o755)
 
 
 def _files(d: Path) -> SimpleNamespace:

@@ -10,6 +10,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_checks import one_line_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["data.seq_len=96", "train.batch_size=8", "train.log_interval=1", "train.warmup_steps=0",
@@ -20,13 +21,6 @@ def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
     extra = ["--no-progress", "--no-samples", *COMMON] if module == "atlas_jax.train" else []
     return subprocess.run([sys.executable, "-m", module, *extra, *args], capture_output=True, text=True, cwd=REPO,
                           timeout=600)
-
-
-def _one_line(r: subprocess.CompletedProcess, *needles: str) -> None:
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +183,7 @@ def test_finetune_bad_input_is_one_line(setup, tmp_path):
         run = tmp_path / "run"
         r = _cli("atlas_jax.train", f"train.run_dir={run}", *args[:1], f"train.objective={objective}",
                  "train.steps=2", f"data.sources={path}")
-        _one_line(r, *needles)
+        one_line_error(r, *needles)
         assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
 
     good = {"prompt": "a", "completion": "b"}
@@ -199,10 +193,10 @@ def test_finetune_bad_input_is_one_line(setup, tmp_path):
             "data.seq_len=96")
     refused([good, {"prompt": "p", "chosen": "c"}], "bad.jsonl:2", "missing field(s) rejected", objective="dpo")
     r = _cli("atlas_jax.train", f"train.run_dir={tmp_path / 'txt'}", *args, "data.sources=tinyshakespeare")
-    _one_line(r, "reads JSONL examples")
-    _one_line(_cli("atlas_jax.train", f"train.run_dir={tmp_path / 'x'}", "train.objective=sft"), "set train.init_from")
+    one_line_error(r, "reads JSONL examples")
+    one_line_error(_cli("atlas_jax.train", f"train.run_dir={tmp_path / 'x'}", "train.objective=sft"), "set train.init_from")
     r = _cli("atlas_jax.generate", "--checkpoint", str(base), "--chat", "--prompt", "hi")
-    _one_line(r, "no chat template", "--chat-template chatml")
+    one_line_error(r, "no chat template", "--chat-template chatml")
 
 
 def test_packed_sft_trains_with_attention_inside_each_conversation(setup, tmp_path):

@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")  # part of the test install: a missing torc
 import transformers  # noqa: E402
 
 from atlas_jax.hf.convert import permute, unpermute  # noqa: E402
+from cli_checks import one_line_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -190,16 +191,6 @@ def test_imported_gguf_in_llamacpp_equals_transformers(models, name, tmp_path):
 # --------------------------------------------------------------------------- bad input
 
 
-def _one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    return lines[0]
-
-
 def _copy(src: Path, dst: Path) -> Path:
     dst.mkdir(parents=True)
     for f in src.iterdir():
@@ -212,7 +203,7 @@ def test_bad_sources_are_one_line_and_write_nothing(models, tmp_path):
     out = tmp_path / "out"
 
     def refused(d: Path, *needles: str, env: dict | None = None) -> None:
-        _one_line_error(_atlas_cli("import", str(d), "--out", str(out), env=env), *needles)
+        one_line_error(_atlas_cli("import", str(d), "--out", str(out), env=env), *needles)
         assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp")]
 
     bad = _copy(src, tmp_path / "qwen")
@@ -249,10 +240,10 @@ def test_import_and_export_refuse_an_existing_out(models, tmp_path):
     out = tmp_path / "taken"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _one_line_error(_atlas_cli("import", str(src), "--out", str(out)), "exists", "--force")
-    _one_line_error(_atlas_cli("export", str(run), "--out", str(out)), "exists", "--force")
+    one_line_error(_atlas_cli("import", str(src), "--out", str(out)), "exists", "--force")
+    one_line_error(_atlas_cli("export", str(run), "--out", str(out)), "exists", "--force")
     assert (out / "keep.txt").read_text() == "mine" and len(list(out.iterdir())) == 1
-    _one_line_error(_atlas_cli("export", str(run), "--out", str(tmp_path / "x"), "--max-shard-size", "lots"),
+    one_line_error(_atlas_cli("export", str(run), "--out", str(tmp_path / "x"), "--max-shard-size", "lots"),
                     "--max-shard-size lots")
     r = _atlas_cli("export", str(run), "--out", str(out), "--force")
     assert r.returncode == 0, r.stderr
@@ -269,7 +260,7 @@ def test_training_in_an_imported_run_points_to_init_from(models):
     before = files()
     r = subprocess.run([sys.executable, "-m", "atlas_jax.train", "--config", str(run / "config.yaml"),
                         "--no-progress"], capture_output=True, text=True, cwd=REPO, timeout=300)
-    _one_line_error(r, "without optimizer state", f"train.init_from=run:{run}")
+    one_line_error(r, "without optimizer state", f"train.init_from=run:{run}")
     assert files() == before
 
 
@@ -319,13 +310,13 @@ def test_init_from_starts_at_the_models_loss_and_lowers_it(models, kind, tmp_pat
 def test_init_from_refuses_another_architecture_or_tokenizer(models, tmp_path):
     src, _, imported = models["llama-gqa-tied"]
     r = _train(f"train.run_dir={tmp_path / 'a'}", f"train.init_from=run:{imported}", "model.d_model=128")
-    _one_line_error(r, "model.d_model=128", "leave model.d_model out")
+    one_line_error(r, "model.d_model=128", "leave model.d_model out")
     other = tmp_path / "other.model"
     other.write_bytes(b"not the model's tokenizer")
     r = _train(f"train.run_dir={tmp_path / 'b'}", f"train.init_from=hf:{src}", f"data.tokenizer={other}")
-    _one_line_error(r, f"data.tokenizer={other}", "leave data.tokenizer out")
+    one_line_error(r, f"data.tokenizer={other}", "leave data.tokenizer out")
     r = _train(f"train.run_dir={tmp_path / 'c'}", f"train.init_from=run:{tmp_path / 'nothing'}")
-    _one_line_error(r, "no such run directory")
+    one_line_error(r, "no such run directory")
     # a data dir prepared with another tokenizer (Atlas's own sentencepiece) is not re-made silently
     data = tmp_path / "spm-data"
     r = subprocess.run([sys.executable, "-m", "atlas_jax.data", "prepare", "--input", "tinyshakespeare", "--out", str(data),
@@ -334,7 +325,7 @@ def test_init_from_refuses_another_architecture_or_tokenizer(models, tmp_path):
     assert r.returncode == 0, r.stderr
     before = {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()}
     r = _train(f"train.run_dir={tmp_path / 'd'}", f"train.init_from=run:{imported}", f"data.data_dir={data}")
-    _one_line_error(r, "made with another tokenizer")
+    one_line_error(r, "made with another tokenizer")
     assert {p.name: p.read_bytes() for p in data.iterdir() if p.is_file()} == before
     assert not (tmp_path / "a").exists() or not any((tmp_path / "a").rglob("*.bin"))
 

@@ -16,6 +16,7 @@ from atlas_jax import checkpoint as ckpt
 from atlas_jax import lora as L
 from atlas_jax.config import load_config
 from atlas_jax.model import Transformer, loss_fn
+from cli_checks import one_line_error  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = ["data.seq_len=32", "train.batch_size=4", "train.log_interval=1", "train.eval_interval=100",
@@ -121,13 +122,6 @@ def test_lora_run_exports_merged_gguf_that_llamacpp_runs(base_run, tmp_path):
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
 
 
-def _one_line(r: subprocess.CompletedProcess, *needles: str) -> None:
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-
-
 def test_lora_refusals_are_one_line(base_run, tmp_path):
     run = tmp_path / "lora"
     args = [f"train.run_dir={run}", f"train.init_from=run:{base_run}", "lora.rank=2", "train.steps=2",
@@ -135,14 +129,14 @@ def test_lora_refusals_are_one_line(base_run, tmp_path):
     assert (r := _cli(*args)).returncode == 0, r.stderr
     record = json.loads((run / "lora_base.json").read_text())
     (run / "lora_base.json").write_text(json.dumps({**record, "sha256": "0" * 64}))
-    _one_line(_cli(*args[:-2], "train.steps=4", "train.checkpoint_interval=2"), "trained on another base")
-    _one_line(_cli(f"train.run_dir={tmp_path / 'x'}", f"train.init_from=run:{base_run}", "lora.rank=2",
+    one_line_error(_cli(*args[:-2], "train.steps=4", "train.checkpoint_interval=2"), "trained on another base")
+    one_line_error(_cli(f"train.run_dir={tmp_path / 'x'}", f"train.init_from=run:{base_run}", "lora.rank=2",
                    "lora.targets=[q,nope]"), "lora.targets: unknown nope")
-    _one_line(_cli(f"train.run_dir={tmp_path / 'y'}", "lora.rank=2"), "set train.init_from")
-    _one_line(_cli(f"train.run_dir={tmp_path / 'z'}", f"train.init_from=run:{base_run}", "lora.rank=-3"),
+    one_line_error(_cli(f"train.run_dir={tmp_path / 'y'}", "lora.rank=2"), "set train.init_from")
+    one_line_error(_cli(f"train.run_dir={tmp_path / 'z'}", f"train.init_from=run:{base_run}", "lora.rank=-3"),
               "lora.rank must be >= 0")
     (run / "lora_base.json").write_text(json.dumps(record))
-    _one_line(_cli(*args[:2], "lora.rank=4", "train.steps=4"), "other adapters", "lora.rank")
+    one_line_error(_cli(*args[:2], "lora.rank=4", "train.steps=4"), "other adapters", "lora.rank")
     assert not (tmp_path / "x").exists() or not any((tmp_path / "x").rglob("checkpoints/*"))
 
 
