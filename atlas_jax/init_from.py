@@ -23,6 +23,7 @@ import numpy as np
 
 from atlas_jax import checkpoint as ckpt
 from atlas_jax.config import Config, ModelConfig, resolve, resolve_model
+from atlas_jax.data.corpora import sha256_file
 from atlas_jax.errors import CheckpointError, ConfigError
 
 # What the new run may choose for itself: how the same function is computed, and dropout.
@@ -72,20 +73,16 @@ def with_init_model(cfg: Config, init: InitSource) -> Config:
     return resolve(dataclasses.replace(cfg, model=model))
 
 
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 def check_tokenizer(cfg: Config, init: InitSource, run_dir: Path) -> Path:
     """Where the run keeps the source's tokenizer (<run_dir>/<its name>); refuses another one in
     data.tokenizer or an existing run copy that differs."""
-    want = sha256(init.tokenizer)
+    want = sha256_file(init.tokenizer)
     if cfg.data.tokenizer and Path(cfg.data.tokenizer).resolve() != (run_dir / init.tokenizer.name).resolve():
-        if not Path(cfg.data.tokenizer).is_file() or sha256(Path(cfg.data.tokenizer)) != want:
+        if not Path(cfg.data.tokenizer).is_file() or sha256_file(Path(cfg.data.tokenizer)) != want:
             raise ConfigError(f"data.tokenizer={cfg.data.tokenizer} is not the tokenizer of the train.init_from model "
                               f"({init.tokenizer}); leave data.tokenizer out: the model's own tokenizer is used")
     own = run_dir / init.tokenizer.name
-    if own.is_file() and sha256(own) != want:
+    if own.is_file() and sha256_file(own) != want:
         raise ConfigError(f"{own}: the run's tokenizer is not the one of train.init_from ({init.spec}); "
                           f"start the run in another train.run_dir, or with --fresh")
     return own

@@ -483,21 +483,31 @@ def export_gguf(params: Mapping, model_cfg: ModelConfig, tokenizer_path: str | P
     if chat_template:
         meta[Keys.Tokenizer.CHAT_TEMPLATE] = (chat_template, VT.STRING, None)
     tensors = gguf_tensors(params, cfg, write_output_for_tied)
-    tmp = _temp_path(out_path)
-    try:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCHS[cfg.arch]])
-        for key, (value, vtype, sub_type) in meta.items():
-            writer.add_key_value(key, value, vtype, sub_type=sub_type)
-        has_output = any(kind == T.OUTPUT for kind, _, _ in tensors)
-        inputs = dense_inputs(cfg)
+    has_output = any(kind == T.OUTPUT for kind, _, _ in tensors)
+    inputs = dense_inputs(cfg)
+
+    def encoded():
         for kind, tname, array in tensors:
             is_output = kind == T.OUTPUT or (kind == T.TOKEN_EMBD and not has_output)
             qtype = tensor_type(kind, array.shape, ftype, is_output)
             hessian = (calibration or {}).get(inputs.get(tname))
             if qtype == QT.Q4_0 and hessian is not None:
-                data, raw_dtype = gptq_q4_0(array, hessian), QT.Q4_0
+                yield tname, gptq_q4_0(array, hessian), QT.Q4_0
             else:
-                data, raw_dtype = _encode(array, qtype)
+                yield (tname, *_encode(array, qtype))
+
+    return write_gguf(out_path, cfg.arch, meta, encoded())
+
+
+def write_gguf(out_path: Path, arch: str, meta: Mapping[str, tuple[Any, VT, VT | None]], tensors) -> Path:
+    """A GGUF file of `meta` ({key: (value, type, array item type)}) and `tensors` ((name, data,
+    raw dtype or None), produced one at a time), under a temporary name renamed when complete."""
+    tmp = _temp_path(out_path)
+    try:
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCHS[arch]])
+        for key, (value, vtype, sub_type) in meta.items():
+            writer.add_key_value(key, value, vtype, sub_type=sub_type)
+        for tname, data, raw_dtype in tensors:
             writer.add_tensor(tname, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

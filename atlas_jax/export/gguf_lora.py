@@ -36,9 +36,9 @@ from atlas_jax.export.gguf import (
     ARCHS,
     TENSOR_TABLE,
     ExportError,
-    _temp_path,
     flatten,
     tensor_name,
+    write_gguf,
 )
 
 ADAPTER_FTYPES = {"f32": np.float32, "f16": np.float16}
@@ -102,24 +102,11 @@ def export_lora_gguf(adapters: Mapping, base: Mapping, model_cfg: ModelConfig, l
         raise ExportError(f"model.arch '{model_cfg.arch}' has no GGUF mapping; export supports {', '.join(ARCHS)}")
     tensors = gguf_lora_tensors(adapters, base, model_cfg, lora)
     out_path = Path(out_path)
-    meta: dict[str, tuple[Any, VT]] = {
-        Keys.General.TYPE: (gguf.GGUFType.ADAPTER, VT.STRING),
-        Keys.General.NAME: (name or f"atlas-{model_cfg.arch}-lora", VT.STRING),
-        Keys.Adapter.TYPE: ("lora", VT.STRING),
-        Keys.Adapter.LORA_ALPHA: (float(gguf_lora_alpha(lora)), VT.FLOAT32),
+    meta: dict[str, tuple[Any, VT, VT | None]] = {
+        Keys.General.TYPE: (gguf.GGUFType.ADAPTER, VT.STRING, None),
+        Keys.General.NAME: (name or f"atlas-{model_cfg.arch}-lora", VT.STRING, None),
+        Keys.Adapter.TYPE: ("lora", VT.STRING, None),
+        Keys.Adapter.LORA_ALPHA: (float(gguf_lora_alpha(lora)), VT.FLOAT32, None),
     }
-    tmp = _temp_path(out_path)
-    try:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[ARCHS[model_cfg.arch]])
-        for key, (value, vtype) in meta.items():
-            writer.add_key_value(key, value, vtype)
-        for tname, array in tensors:
-            writer.add_tensor(tname, array.astype(ADAPTER_FTYPES[ftype]))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        tmp.replace(out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out_path
+    return write_gguf(out_path, model_cfg.arch, meta,
+                      ((tname, array.astype(ADAPTER_FTYPES[ftype]), None) for tname, array in tensors))
