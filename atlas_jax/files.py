@@ -4,6 +4,8 @@
   its parents) or raise an AtlasError naming `what` (a config key or a flag) and the fix. A file
   where the directory should be, a parent that is a file, a read-only or immutable place: all are
   found here, not at the first save after hours of training.
+- `atomic_write_bytes(path, data)` / `atomic_write_text(path, text)`: write to a temporary name beside
+  `path`, then rename, so a reader (or a crash) never sees half a file.
 - `DirLock(path, what)`: an OS file lock (`fcntl.flock`) on `<path>/.atlas.lock`, held for the life
   of a run or a data preparation and released by the OS when the process ends, crash included. A
   second owner is refused with one line naming the PID that holds the lock.
@@ -58,6 +60,18 @@ def writable_file(path: str | Path, what: str) -> Path:
         raise PathError(f"{what}={path}: that is a directory; name a file to write")
     writable_dir(path.parent, f"{what} (its directory)")
     return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 class DirLock:

@@ -6,6 +6,7 @@
     final_answer("... so 4 + 81\\n#### 85") # '85'
     pass_at_k(n=5, c=2, k=1)               # 0.4   (Chen et al. 2021, unbiased)
     majority_vote(["85", "84", " 85"])     # '85'
+    check_working("47 + 38 = 85\\n#### 85") # True   (the calculator: every "x op y = z" recomputed)
 
 Each per-row metric takes one prediction and a list of references and keeps the best reference (as
 SQuAD does with several gold answers). The normaliser is SQuAD v1.1's evaluation script's: lowercase,
@@ -26,6 +27,9 @@ import numpy as np
 ANSWER_MARK = "####"
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation)
+# "x op y = z" with integers, op one of + - * x ×
+EQUATION = re.compile(r"(?<![\d.])(-?\d+)\s*([-+*x×])\s*(-?\d+)\s*=\s*(-?\d+)(?![\d.])")
+_CALC = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 
 
 def normalize_answer(text: str) -> str:
@@ -127,6 +131,15 @@ def majority_vote(answers: Sequence[str]) -> str:
     return answers[keys.index(winner)]
 
 
+def check_working(text: str) -> bool | None:
+    """The calculator: True when every integer equation "x op y = z" (op + - * x ×) in the text holds,
+    False when one does not, None when the text holds none to check."""
+    found = EQUATION.findall(text)
+    if not found:
+        return None
+    return all(_CALC[{"x": "*", "×": "*"}.get(op, op)](int(x), int(y)) == int(z) for x, op, y, z in found)
+
+
 # metric name -> what it is, for --help and the error that lists them
 METRICS = {
     "exact_match": "greedy answer == a reference after normalize_answer (mean over rows, 0-1)",
@@ -136,5 +149,6 @@ METRICS = {
     "chrf": "corpus chrF of the greedy completions (sacrebleu, 0-100)",
     "pass_at_k": "unbiased pass@k from --n samples, correct = exact match (mean, 0-1)",
     "self_consistency": "majority vote over --n samples' answers, exact match (mean, 0-1)",
+    "calculator": "greedy completions whose working holds: every 'x op y = z' recomputed, none = 0 (mean, 0-1)",
 }
 SAMPLED = ("pass_at_k", "self_consistency")  # the metrics that need --n samples per prompt

@@ -3,17 +3,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 
 def write_json(path: str | Path, result: dict) -> Path:
     """result as indented JSON, written to a temporary beside `path`, then renamed."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    from atlas_jax.files import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(result, indent=2, ensure_ascii=False) + "\n")
 
 
 def _fmt(v) -> str:

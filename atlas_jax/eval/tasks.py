@@ -106,6 +106,8 @@ class AtlasGenerator:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.template = template
+        # a chat reply ends at the template's end-of-turn text (chatml: <|im_end|>), which is not the answer
+        self.stops = [template.end_of_turn()] if template is not None and template.end_of_turn() else []
 
     def encode(self, prompt: str) -> list[int]:
         if self.template is None:
@@ -169,6 +171,8 @@ def score_rows(metrics: Sequence[str], references: Sequence[Sequence[str]], gree
     for name in metrics:
         if name in row_metrics:
             vals = [row_metrics[name](M.final_answer(g), refs) for g, refs in zip(greedy, answers_ref)]
+        elif name == "calculator":
+            vals = [float(M.check_working(g) is True) for g in greedy]
         elif name == "rouge_l":
             vals = [M.rouge_l(g, refs) for g, refs in zip(greedy, references)]
         elif name == "pass_at_k":
@@ -200,6 +204,7 @@ def evaluate_tasks(model: AtlasGenerator, rows: Sequence[TaskRow], metrics: Sequ
     import jax
 
     sampled = any(m in M.SAMPLED for m in metrics)
+    stops = [*stops, *getattr(model, "stops", [])]
     sample_cfg = dataclasses.replace(sample_cfg, max_new_tokens=max_new_tokens)
     key = jax.random.key(sample_cfg.seed)
     greedy, samples, records = [], [], []

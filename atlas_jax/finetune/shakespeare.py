@@ -46,7 +46,6 @@ def make_rows(text: str, n: int, seed: int = 0, max_lines: int = 2) -> tuple[lis
 
 
 def write_jsonl(rows: list[dict], path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    from atlas_jax.files import atomic_write_text
+
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -34,6 +34,13 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ConfigError(f"{name}: not a valid Jinja chat template ({e})") from None
 
+    def end_of_turn(self) -> str:
+        """The text the template writes after an assistant reply (chatml: '<|im_end|>'), stripped:
+        where a generated reply ends, before EOS."""
+        mark = "\x00reply\x00"
+        text = self.render([{"role": "user", "content": "x"}, {"role": "assistant", "content": mark}])
+        return text.split(mark, 1)[1].strip() if mark in text else ""
+
     def render(self, messages: list[dict], add_generation_prompt: bool = False, bos_token: str = "",
                eos_token: str = "") -> str:
         import jinja2
