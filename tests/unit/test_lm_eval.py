@@ -82,10 +82,18 @@ def lm(run):
     return AtlasLM.create_from_arg_string(f"checkpoint={run},batch_size=3")
 
 
+_FORWARD = {}
+
+
 def _log_softmax(lm, ids: list[int]) -> np.ndarray:
-    """Float64 log-softmax of one forward over ids (unpadded) -> [len(ids), V]."""
-    logits = np.asarray(Transformer(lm.cfg.model).apply({"params": lm.params}, np.asarray([ids], np.int32)),
-                        np.float64)[0]
+    """Float64 log-softmax of one forward over ids -> [len(ids), V] (right-padded to max_seq_len, one
+    compile; causal, so the padding comes after every position read)."""
+    cfg = lm.cfg.model
+    if "f" not in _FORWARD:
+        _FORWARD["f"] = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t))
+    padded = np.zeros((1, cfg.max_seq_len), np.int32)
+    padded[0, :len(ids)] = ids
+    logits = np.asarray(_FORWARD["f"](lm.params, padded), np.float64)[0, :len(ids)]
     return logits - (np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
                      + logits.max(-1, keepdims=True))
 
