@@ -18,8 +18,9 @@ single-sample metrics and the latency, --n samples at the run's sample temperatu
 self_consistency (atlas_jax/eval/tasks.py, metrics.py). Prints a markdown table; --out writes JSON
 with every row.
 
-lm-eval: lm-evaluation-harness tasks (built-in, or YAML under --include-path) on a run through the
-`atlas` model of atlas_jax/eval/harness.py; prints lm-eval's table, --out writes its results as JSON.
+lm-eval: lm-evaluation-harness tasks (built-in, or YAML under --include-path) on a run (the `atlas`
+model of atlas_jax/eval/harness.py) or a GGUF file (`atlas-gguf`, llama.cpp); prints lm-eval's table,
+--out writes its results as JSON.
 Tasks all found under --include-path are indexed alone, not with lm-eval's ~15k built-in ones.
 """
 from __future__ import annotations
@@ -75,7 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tasks.add_argument("--no-progress", dest="progress", action="store_false")
 
     lm = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a run (the atlas model)")
-    lm.add_argument("--checkpoint", required=True, help="an Atlas run directory or checkpoint step directory")
+    lm_model = lm.add_mutually_exclusive_group(required=True)
+    lm_model.add_argument("--checkpoint", help="an Atlas run directory or checkpoint step directory")
+    lm_model.add_argument("--gguf", type=Path, help="a GGUF file, through llama.cpp with its own tokenizer")
     lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (globs allowed)")
     lm.add_argument("--include-path", type=Path, help="a directory of task YAML files of your own")
     lm.add_argument("--limit", type=int, help="at most this many documents per task")
@@ -240,7 +243,12 @@ def _task_manager(include_path: Path | None, names: list[str]):
 
 
 def lm_eval_main(args) -> int:
+    import importlib.util
+
     from atlas_jax.eval.perplexity import EvalError
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise EvalError("lm-eval needs lm-evaluation-harness, which is not installed; pip install -e '.[eval]'")
 
     for flag in ("limit", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
@@ -252,9 +260,15 @@ def lm_eval_main(args) -> int:
     if not names:
         raise EvalError("--tasks: no task named; give NAME[,NAME]")
     _check_outputs(args)
-    from atlas_jax.checkpoint import find_checkpoint
+    if args.gguf is not None:
+        if not args.gguf.is_file():
+            raise EvalError(f"--gguf {args.gguf}: no such file")
+        model, model_args = "atlas-gguf", {"gguf": str(args.gguf)}
+    else:
+        from atlas_jax.checkpoint import find_checkpoint
 
-    find_checkpoint(args.checkpoint)  # a missing run stops here, before lm-eval indexes its tasks
+        find_checkpoint(args.checkpoint)  # a missing run stops here, before lm-eval indexes its tasks
+        model, model_args = "atlas", {"checkpoint": str(args.checkpoint)}
     manager = _task_manager(args.include_path, names)
 
     import json
@@ -264,10 +278,9 @@ def lm_eval_main(args) -> int:
 
     import atlas_jax.eval.harness  # noqa: F401  (registers the atlas model)
 
-    model_args = {"checkpoint": str(args.checkpoint)}
     if args.max_length is not None:
         model_args["max_length"] = args.max_length
-    results = lm_eval.simple_evaluate(model="atlas", model_args=model_args, tasks=names, task_manager=manager,
+    results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=names, task_manager=manager,
                                       num_fewshot=args.num_fewshot, batch_size=args.batch_size, limit=args.limit,
                                       bootstrap_iters=args.bootstrap_iters, log_samples=False)
     print(make_table(results))

@@ -34,6 +34,7 @@ from atlas_jax.config import load_config  # noqa: E402
 from atlas_jax.errors import run_cli  # noqa: E402
 from atlas_jax.eval import perplexity as P  # noqa: E402
 from atlas_jax.eval.__main__ import main  # noqa: E402
+from atlas_jax.eval.perplexity import EvalError  # noqa: E402
 from atlas_jax.model import Transformer, init_params  # noqa: E402
 from cli_checks import one_line_error  # noqa: E402
 
@@ -265,8 +266,36 @@ def test_cli_refusals_are_one_line(run, tmp_path, capsys):
     assert f"{tmp_path / 'nowhere'}: no such run" in _error(["lm-eval", "--checkpoint", str(tmp_path / "nowhere"),
                                                              "--tasks", "hellaswag"], capsys)
     assert "--include-path" in _error([*base, "--include-path", str(tmp_path / "none")], capsys)
+    assert "--gguf x.gguf: no such file" in _error(["lm-eval", "--gguf", "x.gguf", "--tasks", "hellaswag"], capsys)
     tasks = _task_dir(tmp_path, "\n", ["a", "b"], [0, 0, 0, 0])
     r = subprocess.run([sys.executable, "-m", "atlas_jax.eval", "lm-eval", "--checkpoint", str(run), "--tasks",
                         "atlas_test_mc,no_such_task_zz", "--include-path", str(tasks)],
                        capture_output=True, text=True, cwd=REPO, timeout=300, check=False, env={**os.environ, **OFFLINE})
     one_line_error(r, "--tasks no_such_task_zz: unknown to lm-eval", "hellaswag", "--include-path DIR")
+
+
+def test_atlas_gguf_gives_the_atlas_models_answers(lm, run, tmp_path):
+    pytest.importorskip("llama_cpp")
+    from atlas_jax.eval.harness import AtlasGGUFLM
+    from atlas_jax.export.gguf import export_gguf
+    from atlas_jax.init_from import load_model
+
+    params, cfg, tok_path = load_model(run)
+    gguf = AtlasGGUFLM.create_from_arg_string(f"gguf={export_gguf(params, cfg.model, tok_path, tmp_path / 'm.gguf')}")
+    assert gguf.max_length == lm.max_length and gguf.prefix_token_id == lm.tokenizer.eos_id
+    pairs = [_req("loglikelihood", c, x) for c, x in [("First Citizen:", " Before we proceed"), ("", "All:\nSpeak"),
+                                                       ("Are they resolved?", " Resolved. resolved.")]]
+    got, want = gguf.loglikelihood(pairs, disable_tqdm=True), lm.loglikelihood(pairs, disable_tqdm=True)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+    texts = [_req("loglikelihood_rolling", t) for t in (PASSAGES[0], "\n\n".join(PASSAGES * 2))]
+    assert gguf.loglikelihood_rolling(texts, disable_tqdm=True) == pytest.approx(
+        lm.loglikelihood_rolling(texts, disable_tqdm=True), abs=1e-3)
+    kwargs = {"until": ["\x00never"], "max_gen_toks": MAX_GEN}
+    gen = [_req("generate_until", p, kwargs) for p in GEN_PROMPTS]
+    # the same tokens; a random model emits stray byte tokens, whose invalid UTF-8 sentencepiece and
+    # Python's decoder replace with different numbers of U+FFFD, so those are left out of the comparison
+    got, want = gguf.generate_until(gen, disable_tqdm=True), lm.generate_until(gen, disable_tqdm=True)
+    assert [g.replace("\ufffd", "") for g in got] == [w.replace("\ufffd", "") for w in want] and all(want)
+    with pytest.raises(EvalError, match="model_args gguf=.*: no such file"):
+        AtlasGGUFLM.create_from_arg_string(f"gguf={tmp_path / 'none.gguf'}")
