@@ -5,7 +5,9 @@ lm-eval's own get_rolling_token_windows over direct forwards for a longer one, g
 atlas_jax.sample's greedy completion (and a sampled request = `generate` alone with its key); then
 `python -m atlas_jax.eval lm-eval` on three local YAML tasks (multiple choice, rolling word
 perplexity, generate_until exact match), offline, whose accuracy, word perplexity, bits per byte and
-exact match equal what the test computes from the adapter's own answers; and the one-line refusals.
+exact match equal what the test computes from the adapter's own answers; `atlas-gguf` on the run's
+f32 GGUF giving the Atlas model's log-likelihoods (<= 1e-4), rolling totals and greedy completions;
+and the one-line refusals.
 
 The model is random (informative logits, checkpoint.save_model) with the session's shakespeare
 tokenizer, max_seq_len 64."""
@@ -23,20 +25,17 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from lm_eval.api.instance import Instance  # the `eval` / `test` extras install lm-eval
+from lm_eval.utils import get_rolling_token_windows
 
-pytest.importorskip("lm_eval")  # the `eval` / `test` extras install it
-
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.utils import get_rolling_token_windows  # noqa: E402
-
-from atlas_jax import checkpoint as ckpt  # noqa: E402
-from atlas_jax.config import load_config  # noqa: E402
-from atlas_jax.errors import run_cli  # noqa: E402
-from atlas_jax.eval import perplexity as P  # noqa: E402
-from atlas_jax.eval.__main__ import main  # noqa: E402
-from atlas_jax.eval.perplexity import EvalError  # noqa: E402
-from atlas_jax.model import Transformer, init_params  # noqa: E402
-from cli_checks import one_line_error  # noqa: E402
+from atlas_jax import checkpoint as ckpt
+from atlas_jax.config import load_config
+from atlas_jax.errors import run_cli
+from atlas_jax.eval import perplexity as P
+from atlas_jax.eval.__main__ import main
+from atlas_jax.eval.perplexity import EvalError
+from atlas_jax.model import Transformer, init_params
+from cli_checks import one_line_error
 
 REPO = Path(__file__).resolve().parents[2]
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
