@@ -4,6 +4,7 @@
     python -m atlas_jax.eval ppl --gguf model.gguf --val runs/shakespeare --window 256 --stride 128
     python -m atlas_jax.eval ppl --checkpoint runs/shakespeare --text tinyshakespeare --out ppl.json --plot bpb.png
     python -m atlas_jax.eval tasks --checkpoint runs/sft --data tasks.jsonl --metrics exact_match,f1,pass_at_k --n 5 --k 1 --chat
+    python -m atlas_jax.eval lm-eval --checkpoint runs/shakespeare --tasks my_mc,my_ppl --include-path tasks/ --limit 100
 
 ppl: strided perplexity (every token scored once; windows of --window tokens, each after the first
 scoring its last --stride; atlas_jax/eval/perplexity.py). Each document starts after a start token
@@ -16,6 +17,11 @@ tasks: rows {"prompt", "answer"} or {"prompt", "references": [...]}; greedy comp
 single-sample metrics and the latency, --n samples at the run's sample temperature for pass_at_k and
 self_consistency (atlas_jax/eval/tasks.py, metrics.py). Prints a markdown table; --out writes JSON
 with every row.
+
+lm-eval: lm-evaluation-harness tasks (built-in, or YAML under --include-path) on a run (the `atlas`
+model of atlas_jax/eval/harness.py) or a GGUF file (`atlas-gguf`, llama.cpp); prints lm-eval's table,
+--out writes its results as JSON.
+Tasks all found under --include-path are indexed alone, not with lm-eval's ~15k built-in ones.
 """
 from __future__ import annotations
 
@@ -68,6 +74,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tasks.add_argument("--seed", type=int, help="sample.seed")
     tasks.add_argument("--out", type=Path, help="write the results (every row) as JSON")
     tasks.add_argument("--no-progress", dest="progress", action="store_false")
+
+    lm = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a run (the atlas model)")
+    lm_model = lm.add_mutually_exclusive_group(required=True)
+    lm_model.add_argument("--checkpoint", help="an Atlas run directory or checkpoint step directory")
+    lm_model.add_argument("--gguf", type=Path, help="a GGUF file, through llama.cpp with its own tokenizer")
+    lm.add_argument("--tasks", required=True, help="comma-separated lm-eval task names (globs allowed)")
+    lm.add_argument("--include-path", type=Path, help="a directory of task YAML files of your own")
+    lm.add_argument("--limit", type=int, help="at most this many documents per task")
+    lm.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (default: the task's)")
+    lm.add_argument("--batch-size", type=int, default=8, help="requests per forward (default 8)")
+    lm.add_argument("--max-length", type=int, help="tokens of context (default: the model's max_seq_len)")
+    lm.add_argument("--bootstrap-iters", type=int, default=100000, help="for stderrs (lm-eval's default; 0: none)")
+    lm.add_argument("--out", type=Path, help="write lm-eval's results as JSON")
     return p.parse_args(argv)
 
 
@@ -198,9 +217,84 @@ def tasks_main(args) -> int:
     return 0
 
 
+def _task_manager(include_path: Path | None, names: list[str]):
+    """lm-eval's TaskManager: --include-path's tasks alone when every name is a task there (indexing the
+    built-in ones takes seconds), else with the built-ins; an unknown name is one line."""
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._index import Kind
+
+    from atlas_jax.eval.perplexity import EvalError
+
+    if include_path is not None:
+        if not include_path.is_dir():
+            raise EvalError(f"--include-path {include_path}: no such directory")
+        local = TaskManager(include_path=str(include_path), include_defaults=False)
+        if all(local.match_tasks([n]) for n in names) and all(
+                local.task_index[t].kind in (Kind.TASK, Kind.PY_TASK) for t in local.match_tasks(names)):
+            return local
+    manager = TaskManager(include_path=str(include_path) if include_path is not None else None)
+    unknown = [n for n in names if not manager.match_tasks([n])]
+    if unknown:
+        known = [t for t in ("hellaswag", "arc_easy", "lambada_openai", "wikitext") if t in manager.all_tasks]
+        raise EvalError(f"--tasks {', '.join(unknown)}: unknown to lm-eval (it knows {len(manager.all_tasks)}, e.g. "
+                        f"{', '.join(known or manager.all_tasks[:4])}); a task of your own needs its YAML directory "
+                        f"as --include-path DIR")
+    return manager
+
+
+def lm_eval_main(args) -> int:
+    import importlib.util
+
+    from atlas_jax.eval.perplexity import EvalError
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise EvalError("lm-eval needs lm-evaluation-harness, which is not installed; pip install -e '.[eval]'")
+
+    for flag in ("limit", "batch_size"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise EvalError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    for flag in ("num_fewshot", "bootstrap_iters"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise EvalError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 0")
+    names = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not names:
+        raise EvalError("--tasks: no task named; give NAME[,NAME]")
+    _check_outputs(args)
+    if args.gguf is not None:
+        if not args.gguf.is_file():
+            raise EvalError(f"--gguf {args.gguf}: no such file")
+        model, model_args = "atlas-gguf", {"gguf": str(args.gguf)}
+    else:
+        from atlas_jax.checkpoint import find_checkpoint
+
+        find_checkpoint(args.checkpoint)  # a missing run stops here, before lm-eval indexes its tasks
+        model, model_args = "atlas", {"checkpoint": str(args.checkpoint)}
+    manager = _task_manager(args.include_path, names)
+
+    import json
+
+    import lm_eval
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    import atlas_jax.eval.harness  # noqa: F401  (registers the atlas model)
+
+    if args.max_length is not None:
+        model_args["max_length"] = args.max_length
+    results = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=names, task_manager=manager,
+                                      num_fewshot=args.num_fewshot, batch_size=args.batch_size, limit=args.limit,
+                                      bootstrap_iters=args.bootstrap_iters, log_samples=False)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+        print(f"wrote {args.out}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return ppl_main(args) if args.command == "ppl" else tasks_main(args)
+    return {"ppl": ppl_main, "tasks": tasks_main, "lm-eval": lm_eval_main}[args.command](args)
 
 
 def cli() -> None:

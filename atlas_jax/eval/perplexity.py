@@ -162,25 +162,11 @@ def score_atlas(params: Any, model_cfg, seqs: Sequence[np.ndarray], plan: Sequen
     """Atlas' NLLs, `batch_size` windows per jitted forward (every batch padded to the longest window
     and to batch_size rows, so one shape compiles); yields one list of Scored per batch."""
     import jax
-    import jax.numpy as jnp
-
-    from atlas_jax.model import Transformer
 
     if not plan:
         return
     width = max(w.length for w in plan)
-    key = repr(model_cfg)
-    if key not in _NLL_FNS:
-        model = Transformer(model_cfg)
-
-        @jax.jit
-        def nll_fn(p, inputs_BxT, labels_BxT):
-            logits_BxTxV = model.apply({"params": p}, inputs_BxT).astype(jnp.float32)
-            logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
-            return logz_BxT - jnp.take_along_axis(logits_BxTxV, labels_BxT[..., None], axis=-1)[..., 0]
-
-        _NLL_FNS[key] = nll_fn
-    nll_fn = _NLL_FNS[key]
+    scores_fn = token_scores_fn(model_cfg)
     params = jax.device_put(params)
     for i in range(0, len(plan), batch_size):
         chunk = plan[i:i + batch_size]
@@ -190,11 +176,35 @@ def score_atlas(params: Any, model_cfg, seqs: Sequence[np.ndarray], plan: Sequen
             seq = seqs[w.doc]
             inputs[r, :w.length] = seq[w.begin:w.begin + w.length]
             labels[r, :w.length] = seq[w.begin + 1:w.begin + w.length + 1]
-        nll = np.asarray(nll_fn(params, inputs, labels), np.float64)
+        nll = np.asarray(scores_fn(params, inputs, labels)[0], np.float64)
         yield [Scored(w, nll[r, w.score_from:w.length]) for r, w in enumerate(chunk)]
 
 
-_NLL_FNS: dict[str, Any] = {}  # the jitted per-token NLL per model config
+def token_scores_fn(model_cfg):
+    """The jitted (params, inputs_BxT, labels_BxT) -> (nll_BxT, greedy_BxT) of a model config (made
+    once per config): each position's NLL of its label (float32 log-softmax) and whether the label is
+    the argmax there. Shared by score_atlas and the lm-eval adapter (harness)."""
+    import jax
+    import jax.numpy as jnp
+
+    from atlas_jax.model import Transformer
+
+    key = repr(model_cfg)
+    if key not in _SCORE_FNS:
+        model = Transformer(model_cfg)
+
+        @jax.jit
+        def scores_fn(p, inputs_BxT, labels_BxT):
+            logits_BxTxV = model.apply({"params": p}, inputs_BxT).astype(jnp.float32)
+            logz_BxT = jax.nn.logsumexp(logits_BxTxV, axis=-1)
+            nll_BxT = logz_BxT - jnp.take_along_axis(logits_BxTxV, labels_BxT[..., None], axis=-1)[..., 0]
+            return nll_BxT, jnp.argmax(logits_BxTxV, axis=-1) == labels_BxT
+
+        _SCORE_FNS[key] = scores_fn
+    return _SCORE_FNS[key]
+
+
+_SCORE_FNS: dict[str, Any] = {}  # token_scores_fn's jitted function per model config
 
 
 def gguf_info(path: str | Path) -> dict:
