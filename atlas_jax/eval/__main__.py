@@ -200,6 +200,8 @@ def tasks_main(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from atlas_jax import compile_cache
+    compile_cache.setup()  # ATLAS_COMPILE_CACHE=0 turns it off
     return ppl_main(args) if args.command == "ppl" else tasks_main(args)
 
 
