@@ -290,7 +290,6 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
 
 
 IN_USE = "another trainer is running in it; wait for it, stop it"
-_T_START = time.perf_counter()  # train()'s start: "time to first step" counts from here
 
 
 def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
@@ -298,11 +297,10 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
     writable before any work, then train (`_train`)."""
     from atlas_jax.data.corpora import resolve_sources
 
-    global _T_START
-    _T_START = time.perf_counter()
+    t0 = time.perf_counter()  # "time to first step" counts from here
     run_dir = Path(cfg.train.run_dir)
     if not _is_main():
-        return _train(cfg, run_dir, progress)
+        return _train(cfg, run_dir, progress, t0)
     resolve_sources(cfg.data.sources)  # a missing corpus is reported before anything is written
     if fresh and run_dir.is_dir() and any(run_dir.iterdir()):
         with DirLock(run_dir, "train.run_dir", IN_USE):  # never move a run that is training
@@ -314,7 +312,7 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
         writable_dir(run_dir / ckpt.CHECKPOINTS, f"train.run_dir (its {ckpt.CHECKPOINTS}/)")
         if cfg.data.data_dir:
             writable_dir(cfg.data.data_dir, "data.data_dir")
-        return _train(cfg, run_dir, progress)
+        return _train(cfg, run_dir, progress, t0)
 
 
 def _resolve_init(cfg: Config, run_dir: Path):
@@ -366,7 +364,7 @@ def _save(manager, state, it, cfg: Config, val_loss, run_dir: Path, final: bool)
         return False
 
 
-def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
+def _train(cfg: Config, run_dir: Path, progress: bool, t0: float) -> RunResult:
     from atlas_jax.data.loader import make_train_iterator
     from atlas_jax.tokenizer import Tokenizer
 
@@ -534,7 +532,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
                 jax.block_until_ready(metrics)
                 t_window = t_start = time.perf_counter()
                 steps_window, tokens_done = 0, 0
-                _log(f"time to first step {t_start - _T_START:.1f}s (data, state, compile; {compile_cache.describe()})")
+                _log(f"time to first step {t_start - t0:.1f}s (data, state, compile; {compile_cache.describe()})")
             if bar is not None:
                 bar.update(1)
             # The non-finite streak and the stop flag are read every step, one step late: this step is
@@ -656,20 +654,20 @@ def dry_run(cfg: Config) -> dict:
 
 
 def dry_run_report(cfg: Config, d: dict) -> str:
-    gib = lambda n: f"{n:>17,} B  {n / 2**20:11,.1f} MiB"  # noqa: E731
+    size = lambda n: f"{n:>17,} B  {n / 2**20:11,.1f} MiB"  # noqa: E731
     return "\n".join([
         f"dry run: {cfg.model.arch} {d['params']:,} params; mesh {d['mesh']}; batch {cfg.train.batch_size} x "
         f"{cfg.data.seq_len} in {cfg.train.microbatches} microbatch(es); train step compiled in {d['compile_s']:.1f}s "
         f"({compile_cache.describe()})",
         "per device:",
-        f"  parameters       {gib(d['params_bytes'])}",
-        f"  optimizer state  {gib(d['opt_state_bytes'])}",
-        f"  XLA arguments    {gib(d['argument_bytes'])}  (train state + batch)",
-        f"  XLA outputs      {gib(d['output_bytes'])}",
-        f"  XLA aliased      {gib(d['alias_bytes'])}  (outputs written over the donated state)",
-        f"  XLA temporaries  {gib(d['temp_bytes'])}",
-        f"  generated code   {gib(d['generated_code_bytes'])}",
-        f"  total            {gib(d['total_bytes'])}  (arguments + outputs - aliased + temporaries)",
+        f"  parameters       {size(d['params_bytes'])}",
+        f"  optimizer state  {size(d['opt_state_bytes'])}",
+        f"  XLA arguments    {size(d['argument_bytes'])}  (train state + batch)",
+        f"  XLA outputs      {size(d['output_bytes'])}",
+        f"  XLA aliased      {size(d['alias_bytes'])}  (outputs written over the donated state)",
+        f"  XLA temporaries  {size(d['temp_bytes'])}",
+        f"  generated code   {size(d['generated_code_bytes'])}",
+        f"  total            {size(d['total_bytes'])}  (arguments + outputs - aliased + temporaries)",
     ])
 
 
