@@ -27,6 +27,11 @@ class PathError(AtlasError):
     pass
 
 
+def cache_dir() -> Path:
+    """Atlas's cache: $ATLAS_CACHE, default ~/.cache/atlas (corpora/, jax-compile/)."""
+    return Path(os.environ.get("ATLAS_CACHE") or "~/.cache/atlas").expanduser()
+
+
 def _why(e: OSError) -> str:
     return e.strerror or type(e).__name__
 

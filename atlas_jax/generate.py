@@ -28,6 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from atlas_jax import compile_cache
 from atlas_jax.errors import AtlasError, run_cli
 from atlas_jax.files import check_utf8, read_stdin_utf8
 
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--chat", action="store_true", help="prompts are user messages in the run's chat template")
     p.add_argument("--chat-template", help="with --chat: a built-in (chatml) or .jinja file instead of the run's")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use JAX's persistent compilation cache (or ATLAS_COMPILE_CACHE=0)")
     p.add_argument("--jsonl", action="store_true",
                    help="print one JSON object per sample: {prompt, completion, tokens, tokens_per_s}")
     return p.parse_args(argv)
@@ -207,7 +210,7 @@ def report_speed(totals: np.ndarray) -> None:
     tokens, seconds, decode_tokens, decode_seconds = totals
     rate = f"{decode_tokens / decode_seconds:.1f}" if decode_seconds > 0 else "n/a"
     print(f"{int(tokens)} tokens in {seconds:.2f}s ({tokens / max(seconds, 1e-9):.1f} tokens/s with prefill and "
-          f"compile; decode {rate} tokens/s)", file=sys.stderr)
+          f"compile; decode {rate} tokens/s; {compile_cache.describe()})", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_samples < 1:
         raise AtlasError(f"--num-samples must be positive, got {args.num_samples}")
     prompts = None if args.interactive else read_prompts(args)
+    compile_cache.setup(not args.no_compile_cache)
     session = Session(args)
     if args.interactive:
         return interactive(session, args.jsonl)

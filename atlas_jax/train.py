@@ -21,12 +21,13 @@ import jax
 import numpy as np
 
 from atlas_jax import checkpoint as ckpt
+from atlas_jax import compile_cache
 from atlas_jax.config import Config, load_config, save_config
 from atlas_jax.devices import device_peak
-from atlas_jax.errors import AtlasError, CheckpointError, DataError, run_cli
+from atlas_jax.errors import AtlasError, CheckpointError, ConfigError, DataError, run_cli
 from atlas_jax.files import DirLock, writable_dir
 from atlas_jax.model import count_params, flops_per_token
-from atlas_jax.sharding import (check_batch_divides, global_batch, make_flag_agreement, make_mesh,
+from atlas_jax.sharding import (batch_sharding, check_batch_divides, global_batch, make_flag_agreement, make_mesh,
                                 maybe_initialize_distributed, state_shardings)
 from atlas_jax.tracking import MetricsLog, flatten_params, make_tracker, read_metrics
 from atlas_jax.lora import count as lora_count
@@ -296,9 +297,10 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
     writable before any work, then train (`_train`)."""
     from atlas_jax.data.corpora import resolve_sources
 
+    t0 = time.perf_counter()  # "time to first step" counts from here
     run_dir = Path(cfg.train.run_dir)
     if not _is_main():
-        return _train(cfg, run_dir, progress)
+        return _train(cfg, run_dir, progress, t0)
     resolve_sources(cfg.data.sources)  # a missing corpus is reported before anything is written
     if fresh and run_dir.is_dir() and any(run_dir.iterdir()):
         with DirLock(run_dir, "train.run_dir", IN_USE):  # never move a run that is training
@@ -310,7 +312,7 @@ def train(cfg: Config, fresh: bool = False, progress: bool = True) -> RunResult:
         writable_dir(run_dir / ckpt.CHECKPOINTS, f"train.run_dir (its {ckpt.CHECKPOINTS}/)")
         if cfg.data.data_dir:
             writable_dir(cfg.data.data_dir, "data.data_dir")
-        return _train(cfg, run_dir, progress)
+        return _train(cfg, run_dir, progress, t0)
 
 
 def _resolve_init(cfg: Config, run_dir: Path):
@@ -362,7 +364,7 @@ def _save(manager, state, it, cfg: Config, val_loss, run_dir: Path, final: bool)
         return False
 
 
-def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
+def _train(cfg: Config, run_dir: Path, progress: bool, t0: float) -> RunResult:
     from atlas_jax.data.loader import make_train_iterator
     from atlas_jax.tokenizer import Tokenizer
 
@@ -530,6 +532,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool) -> RunResult:
                 jax.block_until_ready(metrics)
                 t_window = t_start = time.perf_counter()
                 steps_window, tokens_done = 0, 0
+                _log(f"time to first step {t_start - t0:.1f}s (data, state, compile; {compile_cache.describe()})")
             if bar is not None:
                 bar.update(1)
             # The non-finite streak and the stop flag are read every step, one step late: this step is
@@ -615,6 +618,59 @@ def summary(result: RunResult, cfg: Config, samples: list[str] | None = None) ->
     return "\n".join(lines)
 
 
+def _tree_bytes_per_device(abstract, shardings) -> int:
+    """The bytes one device holds of a sharded tree: each leaf's shard shape."""
+    leaves = zip(jax.tree_util.tree_leaves(abstract), jax.tree_util.tree_leaves(shardings))
+    return sum(math.prod(s.shard_shape(a.shape)) * a.dtype.itemsize for a, s in leaves)
+
+
+def dry_run(cfg: Config) -> dict:
+    """--dry-run: the train step compiled ahead of time for the config's mesh, from shapes only (no data,
+    no params allocated, nothing written) -> bytes per device: params, optimizer state, and XLA's
+    memory analysis of the compiled step (arguments, outputs, aliased, temporaries, generated code)."""
+    import jax.numpy as jnp
+
+    if cfg.train.init_from:  # (fine-tuning and LoRA need it: they are not sized here)
+        raise ConfigError(f"train.init_from={cfg.train.init_from}: --dry-run sizes the config's own model, not a "
+                          f"source's; leave train.init_from out and set model.* to the source's sizes")
+    mesh = make_mesh(cfg.train.mesh)
+    check_batch_divides(cfg.train.batch_size, cfg.train.microbatches, mesh)
+    abstract = abstract_state(cfg)
+    shardings = state_shardings(abstract, mesh)
+    state = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    rows = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), jnp.int32, sharding=batch_sharding(mesh))
+    start = time.perf_counter()
+    compiled = make_train_step(cfg, mesh, shardings).lower(state, {"inputs": rows, "targets": rows}).compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    out = {"params": count_params(abstract["params"], cfg.model)["total"], "mesh": dict(mesh.shape),
+           "compile_s": compile_s,
+           "params_bytes": _tree_bytes_per_device(abstract["params"], shardings["params"]),
+           "opt_state_bytes": _tree_bytes_per_device(abstract["opt_state"], shardings["opt_state"])}
+    for key in ("argument", "output", "alias", "temp", "generated_code"):
+        out[f"{key}_bytes"] = int(getattr(mem, f"{key}_size_in_bytes"))
+    out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+    return out
+
+
+def dry_run_report(cfg: Config, d: dict) -> str:
+    size = lambda n: f"{n:>17,} B  {n / 2**20:11,.1f} MiB"  # noqa: E731
+    return "\n".join([
+        f"dry run: {cfg.model.arch} {d['params']:,} params; mesh {d['mesh']}; batch {cfg.train.batch_size} x "
+        f"{cfg.data.seq_len} in {cfg.train.microbatches} microbatch(es); train step compiled in {d['compile_s']:.1f}s "
+        f"({compile_cache.describe()})",
+        "per device:",
+        f"  parameters       {size(d['params_bytes'])}",
+        f"  optimizer state  {size(d['opt_state_bytes'])}",
+        f"  XLA arguments    {size(d['argument_bytes'])}  (train state + batch)",
+        f"  XLA outputs      {size(d['output_bytes'])}",
+        f"  XLA aliased      {size(d['alias_bytes'])}  (outputs written over the donated state)",
+        f"  XLA temporaries  {size(d['temp_bytes'])}",
+        f"  generated code   {size(d['generated_code_bytes'])}",
+        f"  total            {size(d['total_bytes'])}  (arguments + outputs - aliased + temporaries)",
+    ])
+
+
 def _samples(result: RunResult, cfg: Config, n: int = 2) -> list[str]:
     """A few continuations from the final params, at the config's sample settings: of a newline, or for
     sft / dpo the replies to the first val prompts."""
@@ -647,6 +703,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh", action="store_true", help="start over: move an existing run dir aside first")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-samples", action="store_true", help="skip the samples in the final summary")
+    p.add_argument("--dry-run", action="store_true",
+                   help="compile the train step ahead of time and print its memory per device; no data, no files")
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not use JAX's persistent compilation cache (or ATLAS_COMPILE_CACHE=0)")
     p.add_argument("--coordinator", help="host:port of process 0, for multi-process runs (or ATLAS_COORDINATOR)")
     p.add_argument("--num-processes", type=int, help="number of processes (or ATLAS_NUM_PROCESSES)")
     p.add_argument("--process-id", type=int, help="this process's index (or ATLAS_PROCESS_ID)")
@@ -656,7 +716,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    compile_cache.setup(not args.no_compile_cache)
     maybe_initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if args.dry_run:
+        report = dry_run_report(cfg, dry_run(cfg))
+        if _is_main():
+            print(report)
+        return 0
     result = train(cfg, fresh=args.fresh, progress=not args.no_progress)
     samples = None
     cfg = result.cfg or cfg

@@ -2,16 +2,33 @@
 
 Nothing downloads at test time: ATLAS_CACHE points at a session tmp dir seeded from
 <repo>/../shared/data/tinyshakespeare.txt (CI clones the repo with ../shared beside it).
+
+JAX's compile cache is the one place that outlives a session: ATLAS_COMPILE_CACHE (default: the
+user's <ATLAS_CACHE>/jax-compile, taken before ATLAS_CACHE is pointed at the tmp dir), so a second
+run of the suite, and every `python -m atlas_jax.train` it starts, loads compiled programs instead of
+compiling them. ATLAS_COMPILE_CACHE=0 runs the suite without it.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
+from atlas_jax import compile_cache
+from atlas_jax.errors import AtlasError
+from atlas_jax.files import cache_dir
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_CORPUS = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
 TOKENIZER_VOCAB = 512
+
+# Here, before any test module compiles: the subprocesses the tests start inherit it.
+os.environ.setdefault("ATLAS_COMPILE_CACHE", str(cache_dir() / "jax-compile"))
+try:
+    compile_cache.setup()
+except AtlasError:  # a read-only home: the suite runs, compiling everything
+    compile_cache.setup(enabled=False)
 
 
 @pytest.fixture(scope="session", autouse=True)

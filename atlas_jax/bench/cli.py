@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     md = Path(args.md) if args.md else out.with_suffix(".md")
     check_outputs(out, md, args.md is not None)
     check_inputs(args, out)
+    from atlas_jax import compile_cache
+    compile_cache.setup()  # the children inherit it through JAX_* variables; ATLAS_COMPILE_CACHE=0 turns it off
     section = {"train": cmd_train, "decode": cmd_decode, "scaling": cmd_scaling,
                "quality": cmd_quality, "hf": cmd_hf, "finetune": cmd_finetune}[args.command](args)
     section["command"] = "python scripts/bench.py " + shlex.join(argv)

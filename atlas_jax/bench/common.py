@@ -136,33 +136,48 @@ def peak_rss_mib() -> float:
     return _status_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_flops(n: int, reps: int = 5) -> float:
-    """f32 FLOP/s of one n x n x n jnp.dot on the default device (median of reps)."""
-    import jax
-    import jax.numpy as jnp
+def matmul_peak_flops(n: int, reps: int = 5, framework: str = "jax") -> float:
+    """f32 FLOP/s of one n x n x n matmul in `framework` (jax: jnp.dot on the default device; torch:
+    torch.mm on the CPU with torch's own threads), median of reps."""
+    if framework == "torch":
+        import torch
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    dot = jax.jit(jnp.dot)
-    dot(a, a).block_until_ready()
+        a = torch.randn(n, n)
+        run = lambda: torch.mm(a, a)  # noqa: E731 (synchronous on the CPU)
+    else:
+        import jax
+        import jax.numpy as jnp
+
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        dot = jax.jit(jnp.dot)
+        run = lambda: dot(a, a).block_until_ready()  # noqa: E731
+    run()
     times = []
     for _ in range(reps):
         t = time.perf_counter()
-        dot(a, a).block_until_ready()
+        run()
         times.append(time.perf_counter() - t)
     return 2.0 * n**3 / float(np.median(times))
 
 
-def peak_flops(quick: bool) -> tuple[float, str]:
-    """The MFU denominator: the device table (atlas_jax.devices) on accelerators, a measured matmul on CPU."""
+MFU = "MFU"
+CPU_UTIL = "util. vs measured matmul peak"  # the MFU column's name on a CPU: no data-sheet peak there
+
+
+def peak_flops(quick: bool, framework: str = "jax") -> tuple[float, str, str]:
+    """The MFU denominator, its source and the column's label: the device table (atlas_jax.devices) on
+    accelerators (MFU); on a CPU the f32 matmul peak measured in the row's own framework (jax for
+    atlas_jax rows, torch for torch rows), so the column is utilisation against that, not MFU."""
     import jax
 
     from atlas_jax.devices import device_peak
 
     table = device_peak()
     if table is not None and jax.default_backend() != "cpu":
-        return table.flops * jax.device_count(), f"{jax.devices()[0].device_kind} bf16 dense, from the table"
+        return table.flops * jax.device_count(), f"{jax.devices()[0].device_kind} bf16 dense, from the table", MFU
     n = 1024 if quick else 2048
-    return matmul_peak_flops(n), f"measured: f32 jnp.dot {n}^3 on {cores()} cores"
+    op = "torch.mm" if framework == "torch" else "jnp.dot"
+    return matmul_peak_flops(n, framework=framework), f"measured: f32 {op} {n}^3 on {cores()} cores", CPU_UTIL
 
 
 # --------------------------------------------------------------------------- child processes

@@ -29,9 +29,11 @@ def _pick_microbatches(cfg) -> tuple[int, dict[int, float]]:
     return (min(tried, key=tried.get) if tried else cfg.train.microbatches), tried
 
 
-def _train_point(cfg, steps: int, warmup: int, with_torch: bool, peak: float, tune: bool = False) -> dict:
+def _train_point(cfg, steps: int, warmup: int, with_torch: bool, peak: float, tune: bool = False,
+                 torch_peak: float | None = None) -> dict:
     """atlas_jax (and torch eager) at one size; tune: first pick train.microbatches for atlas_jax
-    (`_pick_microbatches`), which both frameworks then use."""
+    (`_pick_microbatches`), which both frameworks then use. torch's utilisation is against `torch_peak`
+    (its own measured matmul on a CPU) when given."""
     from atlas_jax.model import flops_per_token
 
     b, t = cfg.train.batch_size, cfg.data.seq_len
@@ -47,7 +49,7 @@ def _train_point(cfg, steps: int, warmup: int, with_torch: bool, peak: float, tu
     if with_torch:
         raw = in_child(train_torch, cfg=dataclasses.asdict(cfg), steps=steps, warmup=warmup, compile=False,
                        device=torch_device())
-        point["torch_eager"] = summarize_train(raw, b * t, flops_tok, peak)
+        point["torch_eager"] = summarize_train(raw, b * t, flops_tok, torch_peak or peak)
     return point
 
 
@@ -95,13 +97,16 @@ def cmd_scaling(args) -> dict:
     sizes = scaling_configs(args)
     png = Path(args.png) if args.png else Path(args.out).with_name("scaling.png")
     check_png(png, "--png" if args.png else f"--png (default, beside --out {args.out})")
-    peak, peak_src = peak_flops(args.quick)
+    peak, peak_src, mfu_label = peak_flops(args.quick)
     with_torch = (not args.quick) if args.torch is None else args.torch
+    torch_peak, torch_src = (peak_flops(args.quick, framework="torch")[:2] if with_torch and torch_device() == "cpu"
+                             else (peak, peak_src))
     # model.attention=auto: the grouped einsums on CPU, cuDNN on a GPU in bf16.
     dtype = [f"model.compute_dtype={'float32' if cpu else 'bfloat16'}", "model.attention=auto"]
     _, source = bench_config(args)
     section = {"seq_config": source, "tokens_per_step": tokens, "torch_eager": with_torch, "steps": steps,
-               "warmup": warmup, "peak_flops": peak, "peak_source": peak_src, "dtype": dtype,
+               "warmup": warmup, "peak_flops": peak, "peak_source": peak_src, "mfu_label": mfu_label,
+               "peak_flops_torch": torch_peak, "peak_source_torch": torch_src, "dtype": dtype,
                "load_avg_start": load_avg(), "seq_len": [], "params": []}
     log(f"scaling: {tokens} tokens per step; seq lengths {seq_lens} ({source or 'flags'}); "
         f"sizes {[name for name, _ in sizes]}")
@@ -111,7 +116,7 @@ def cmd_scaling(args) -> dict:
             continue
         cfg, _ = bench_config(args, extra=dtype + [f"model.max_seq_len={t}", f"data.seq_len={t}",
                                                    f"train.batch_size={tokens // t}", "train.microbatches=1"])
-        point = _train_point(cfg, steps, warmup, with_torch, peak, tune=not args.quick)
+        point = _train_point(cfg, steps, warmup, with_torch, peak, tune=not args.quick, torch_peak=torch_peak)
         section["seq_len"].append(point)
         log(f"  seq {t}: " + _point_line(point))
     t = seq_lens[0] if args.quick else 256
@@ -133,7 +138,7 @@ def cmd_scaling(args) -> dict:
             log(f"  {name}: skipped, {why}")
             continue
         point = {"name": name, **_train_point(cfg, steps, warmup, with_torch and note is None, peak,
-                                              tune=not args.quick and note is None)}
+                                              tune=not args.quick and note is None, torch_peak=torch_peak)}
         if note:
             point["note"] = note
         section["params"].append(point)

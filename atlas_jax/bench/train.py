@@ -154,14 +154,19 @@ def cmd_train(args) -> dict:
     b, t = cfg.train.batch_size, cfg.data.seq_len
     steps, warmup = args.steps or (3 if args.quick else 10), args.warmup or (1 if args.quick else 2)
     frameworks = args.frameworks  # checked by the parser (common.names_from)
-    peak, peak_src = peak_flops(args.quick)
+    peak, peak_src, mfu_label = peak_flops(args.quick)
+    torch_peak, torch_src = (peak, peak_src)
+    if any(fw != "atlas_jax" for fw in frameworks) and torch_device() == "cpu":
+        torch_peak, torch_src, _ = peak_flops(args.quick, framework="torch")
     flops_tok = flops_per_token(cfg.model, t)
     section = {"config": source, "model": model_summary(cfg), "batch_size": b, "seq_len": t,
                "microbatches": cfg.train.microbatches,
                "steps": steps, "warmup": warmup, "flops_per_token": flops_tok, "peak_flops": peak,
-               "peak_source": peak_src, "load_avg_start": load_avg(), "frameworks": {}}
-    log(f"train: {source or 'flags'}, batch {b} x seq {t}, {steps} steps after {warmup} warm-up; peak "
-         f"{peak / 1e9:,.1f} GFLOP/s ({peak_src})")
+               "peak_source": peak_src, "peak_flops_torch": torch_peak, "peak_source_torch": torch_src,
+               "mfu_label": mfu_label, "load_avg_start": load_avg(), "frameworks": {}}
+    log(f"train: {source or 'flags'}, batch {b} x seq {t}, {steps} steps after {warmup} warm-up; {mfu_label} "
+         f"against {peak / 1e9:,.1f} GFLOP/s ({peak_src}) for atlas_jax, {torch_peak / 1e9:,.1f} GFLOP/s "
+         f"({torch_src}) for torch")
     rounds = args.rounds or (1 if args.quick else 3)
     section["rounds"] = rounds
     runs: dict[str, list[dict]] = {}  # framework -> one result per round
@@ -194,7 +199,8 @@ def cmd_train(args) -> dict:
                 measure(f"atlas_jax dropout {configured.model.dropout:g}", train_atlas_jax,
                         cfg=dataclasses.asdict(configured))
     for fw, results in runs.items():
-        section["frameworks"][fw] = summarize_train(pool_rounds(results), b * t, flops_tok, peak)
+        section["frameworks"][fw] = summarize_train(pool_rounds(results), b * t, flops_tok,
+                                                    peak if fw.startswith("atlas_jax") else torch_peak)
     jax_tps = section["frameworks"]["atlas_jax"].get("tokens_per_s")
     for fw, r in section["frameworks"].items():
         if not fw.startswith("atlas_jax") and jax_tps and "tokens_per_s" in r:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from atlas_jax.errors import DataError
-from atlas_jax.files import writable_dir
+from atlas_jax.files import cache_dir, writable_dir
 
 SOURCE_SUFFIXES = (".txt", ".jsonl")
 
@@ -34,10 +34,6 @@ CORPORA = {
         sha256="86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
         filename="tinyshakespeare.txt"),
 }
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("ATLAS_CACHE") or "~/.cache/atlas").expanduser()
 
 
 def _writable_cache(path: Path) -> None:

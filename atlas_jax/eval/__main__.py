@@ -287,13 +287,18 @@ def lm_eval_main(args) -> int:
     if results.get("groups"):
         print(make_table(results, "groups"))
     if args.out is not None:
-        args.out.write_text(json.dumps(results, indent=2, default=handle_non_serializable))
+        from atlas_jax.files import atomic_write_text
+
+        atomic_write_text(args.out, json.dumps(results, indent=2, default=handle_non_serializable))
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from atlas_jax import compile_cache
+
+    compile_cache.setup()  # ATLAS_COMPILE_CACHE=0 turns it off
     return {"ppl": ppl_main, "tasks": tasks_main, "lm-eval": lm_eval_main}[args.command](args)
 
 

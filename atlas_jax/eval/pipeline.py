@@ -458,6 +458,9 @@ def main(argv: list[str] | None = None) -> int:
     from atlas_jax.eval import report
     from atlas_jax.files import writable_dir
 
+    from atlas_jax import compile_cache
+
+    compile_cache.setup()  # ATLAS_COMPILE_CACHE=0 turns it off
     sizes = dict(QUICK if args.quick else DEFAULTS)
     for flag, key, low in (("heldout", "n_heldout", 1), ("samples", "n_samples", 2)):
         value = getattr(args, flag)

@@ -139,3 +139,28 @@ def test_python_m_atlas_jax_bench_lists_every_subcommand():
     assert proc.returncode == 0, f"python -m atlas_jax.bench --help exited {proc.returncode}: {proc.stderr[-2000:]}"
     for cmd in ("train", "decode", "scaling", "quality"):
         assert cmd in proc.stdout, f"--help does not list {cmd}: {proc.stdout}"
+
+
+def test_cpu_utilisation_is_labelled_so_and_each_framework_has_its_own_matmul_peak():
+    """On a CPU there is no data-sheet peak: the column is utilisation against an f32 matmul measured in
+    the row's own framework (jnp.dot for atlas_jax, torch.mm for torch), and the table says which."""
+    from atlas_jax.bench.common import CPU_UTIL, peak_flops
+    from atlas_jax.bench.report import _md_train
+
+    jax_peak, jax_src, label = peak_flops(quick=True)
+    torch_peak, torch_src, torch_label = peak_flops(quick=True, framework="torch")
+    assert label == torch_label == CPU_UTIL
+    assert "jnp.dot 1024^3" in jax_src and "torch.mm 1024^3" in torch_src, (jax_src, torch_src)
+    assert jax_peak > 0 and torch_peak > 0
+    row = {"step_s_median": 0.1, "round_medians": [0.1], "tokens_per_s": 100.0, "mfu": 0.25, "peak_rss_mib": 1.0,
+           "compile_s": 1.0, "first_loss": 7.0}
+    tr = {"config": "configs/tiny.yaml", "command": "python scripts/bench.py train", "batch_size": 8, "seq_len": 64,
+          "microbatches": 1, "steps": 3, "warmup": 1, "rounds": 1, "load_avg_start": [0], "load_avg_end": [0],
+          "model": {"arch": "llama", "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 512,
+                    "params": 1},
+          "peak_flops": jax_peak, "peak_source": jax_src, "peak_flops_torch": torch_peak,
+          "peak_source_torch": torch_src, "mfu_label": label,
+          "frameworks": {"atlas_jax": row, "torch_eager": {**row, "mfu": 0.5}}}
+    text = "\n".join(_md_train(tr))
+    assert f"| {CPU_UTIL} |" in text and "| MFU |" not in text, text
+    assert f"({jax_src}) for atlas_jax rows" in text and f"({torch_src}) for torch rows" in text, text

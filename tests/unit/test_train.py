@@ -357,8 +357,25 @@ def test_nonfinite_streak_is_checked_every_step_not_only_at_log_boundaries(tmp_p
     assert not (run_dir / "checkpoints").is_dir() or not any(p.name.isdigit() for p in (run_dir / "checkpoints").iterdir())
 
 
-@pytest.mark.parametrize("config", ["configs/gpt2-124m.yaml", "configs/llama-125m.yaml"])
-def test_125m_configs_name_a_real_corpus_and_say_when_it_is_missing(tmp_path, config):
+GPU_PRESETS = ["configs/gpt2-124m.yaml", "configs/llama-125m.yaml", "configs/gpt2-355m.yaml", "configs/gpt2-774m.yaml",
+               "configs/llama-350m.yaml", "configs/llama-760m.yaml"]
+
+
+@pytest.mark.parametrize("config", GPU_PRESETS)
+def test_gpu_presets_state_their_parameter_count(config):
+    """The count in each preset's header is the model's (with the 32k vocabulary), and each names a
+    real corpus (the missing-corpus line is checked on two of them below: the data sections are one text)."""
+    from atlas_jax.config import load_config
+    from atlas_jax.model import count_params_from_config
+
+    cfg = load_config(REPO / config)
+    total = count_params_from_config(cfg.model)["total"]
+    assert f"{total:,}" in (REPO / config).read_text().split("model:")[0], (config, total)
+    assert cfg.data.sources == ["corpora/fineweb-edu/*.jsonl"], cfg.data.sources
+
+
+@pytest.mark.parametrize("config", GPU_PRESETS[:2])
+def test_gpu_presets_name_a_real_corpus_and_say_when_it_is_missing(tmp_path, config):
     from atlas_jax.config import load_config
 
     assert load_config(REPO / config).data.sources != ["tinyshakespeare"]
