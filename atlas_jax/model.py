@@ -57,8 +57,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from atlas_jax.config import ModelConfig
-from atlas_jax.kernels import (einsum_attention, from_grouped, grouped_attention, rowmajor_grad_dot_general,
-                               to_grouped)
+from atlas_jax.kernels import (einsum_attention, einsum_attention_with_probs, from_grouped, grouped_attention,
+                               rowmajor_grad_dot_general, to_grouped)
 from atlas_jax.moe import EXPERT_IMPLS, load_balance_loss, route, router_z_loss
 
 Array = jax.Array
@@ -198,6 +198,11 @@ def make_dense(cfg: ModelConfig, features: int, name: str, std: float, use_bias:
                     kernel_init=_normal(std), dot_general=rowmajor_grad_dot_general if rowmajor else None, name=name)
 
 
+# With this collection mutable (model.apply(..., mutable=[ATTENTION_WEIGHTS])) each layer's full forward
+# runs the einsum kernel and sows the softmax it mixes the values with: layers_{i}/attn/probs, ([B, N, T, S],).
+ATTENTION_WEIGHTS = "attention_weights"
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -228,6 +233,9 @@ class Attention(nn.Module):
             new_cache = {"k": k_all, "v": v_all}
             out = from_grouped(grouped_attention(to_grouped(q, c.n_kv_heads), k_all.astype(q.dtype),
                                                  v_all.astype(q.dtype), mask_BxTxS))
+        elif self.is_mutable_collection(ATTENTION_WEIGHTS):  # the einsum kernel, its softmax kept
+            out, probs_BxNxTxS = einsum_attention_with_probs(q, k, v, mask_BxTxS)
+            self.sow(ATTENTION_WEIGHTS, "probs", probs_BxNxTxS)
         else:
             out = attention(q, k, v, attention_impl(c), mask_BxTxS)
         return self.wo(out.reshape(b, t, c.n_heads * c.head_dim)), new_cache
