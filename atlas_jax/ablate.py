@@ -10,6 +10,8 @@ process (`python -m atlas_jax.ablate --child`), so its peak memory is its own (t
 from os.wait4). The table: val bits per byte (the trainer's: val nats / ln 2 over the val targets' UTF-8
 bytes), val loss, tokens/s (after the first, compiling step), params total and active (MoE: k of E
 experts), peak RSS, wall time. The runs share one prepared data directory (<runs>/data).
+The default set: baseline, positions=learned, positions=none, norm=layer, mlp=gelu, a smaller
+n_kv_heads, moe=4x2, and `sinks` (model.sink_tokens=4) once ModelConfig has that field.
 """
 from __future__ import annotations
 
@@ -98,7 +100,7 @@ def child(cfg_path: str, result_path: str) -> int:
     return 0
 
 
-def run_one(name: str, cfg: Config) -> Row:
+def run_one(name: str, overrides: list[str], cfg: Config) -> Row:
     """Train `cfg` in a child process (its output in <run dir>.log); its numbers, and its peak RSS from os.wait4."""
     from atlas_jax.model import count_params_from_config
 
@@ -117,12 +119,13 @@ def run_one(name: str, cfg: Config) -> Row:
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not result_path.is_file():
         last = [ln for ln in output.splitlines() if ln.strip()][-1:] or ["no output"]
-        raise AtlasError(f"toggle '{name}': the run in {run_dir} failed (exit {proc.returncode}): {last[0].removeprefix('error: ')}")
+        why = last[0].removeprefix("error: ")
+        raise AtlasError(f"toggle '{name}': the run in {run_dir} failed (exit {proc.returncode}): {why}")
     res = json.loads(result_path.read_text())
     if res["stopped"] != "done" or res["val_bpb"] is None:
         raise AtlasError(f"toggle '{name}': the run in {run_dir} stopped ({res['stopped']}) without a final val bpb")
     n = count_params_from_config(cfg.model)
-    return Row(name, [], res["val_bpb"], res["val_loss"], res["tokens_per_s"] or math.nan, n["total"],
+    return Row(name, overrides, res["val_bpb"], res["val_loss"], res["tokens_per_s"] or math.nan, n["total"],
                n["active"], usage.ru_maxrss / 1024, wall)
 
 
@@ -132,7 +135,7 @@ def ablate(base: Config, toggles: dict[str, list[str]], tokens: int, runs: Path,
     rows: list[Row] = []
     t0 = time.perf_counter()
     for i, (name, cfg) in enumerate(cfgs.items()):
-        row = dataclasses.replace(run_one(name, cfg), overrides=toggles[name])
+        row = run_one(name, toggles[name], cfg)
         rows.append(row)
         done = time.perf_counter() - t0
         eta = done / len(rows) * (len(cfgs) - len(rows))
@@ -147,7 +150,8 @@ COLUMNS = ("toggle", "overrides", "val bits/byte", "val loss (nats)", "tokens/s"
 
 def table(rows: list[Row]) -> str:
     """The markdown table of `rows`, one line per toggle in COLUMNS order."""
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(COLUMNS))) + "|"]
+    align = ["---", "---"] + ["---:"] * (len(COLUMNS) - 2)  # names left, numbers right
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(align) + "|"]
     for r in rows:
         cells = [r.name, " ".join(f"`{o}`" for o in r.overrides) or "(the config)", f"{r.val_bpb:.4f}",
                  f"{r.val_loss:.4f}", f"{r.tokens_per_s:,.0f}", f"{r.params_total:,}", f"{r.params_active:,}",
@@ -198,7 +202,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m atlas_jax.ablate", description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML config (see configs/); defaults apply when omitted")
     p.add_argument("overrides", nargs="*", help="section.key=value for every run, e.g. model.d_model=128")
-    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help=f"train tokens per run (default {DEFAULT_TOKENS:,})")
+    p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                   help=f"train tokens per run (default {DEFAULT_TOKENS:,})")
     p.add_argument("--set", default="default", help=f"the toggle set: {', '.join(SETS)}")
     p.add_argument("--toggles", help="comma-separated names from the set (default: all of it)")
     p.add_argument("--runs", type=Path, default=Path("runs/ablate"), help="where the runs and their data go")

@@ -6,6 +6,8 @@ model, never called by users directly:
 - `grouped_attention`: causal attention in the grouped, head-major layout [B, K, G, T, H] with
   custom gradients (`grouped_scores`, `grouped_mix`) whose dK and dV are computed from transposed
   small operands (`kv_side_grad`). `model.attention=einsum` (and `auto` on CPU) picks it.
+  `grouped_probs` is its softmax, which `einsum_attention_with_probs` also returns (the attention
+  maps of atlas_jax.viz: the weights the kernel mixes the values with, not a recomputation).
 - `rowmajor_grad_dot_general`: nn.Dense's dot_general whose weight gradient x^T g keeps g
   row-major. The model uses it on CPU when no remat policy needs to see plain dot_generals.
 

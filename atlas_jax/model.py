@@ -43,6 +43,8 @@ Two entry points, sharing params:
   rows add `positions_BxT` and `segment_ids_BxT` (attention kept inside each segment).
 - `model.apply(params, tokens_BxT, positions_BxT, cache, method=Transformer.decode)`
   -> (logits_BxTxV, cache): prefill and one-token-at-a-time decoding with a KV cache (`init_cache`).
+With `mutable=[ATTENTION_WEIGHTS]` the first one also returns each layer's attention weights
+(`layers_{i}/attn/probs`, [B, N, T, S]), sown from the einsum kernel that then computes the layer.
 """
 from __future__ import annotations
 
