@@ -20,6 +20,12 @@ import yaml
 from atlas_jax.errors import ConfigError
 
 ARCHS = ("llama", "gpt2")
+POSITIONS = ("rope", "learned", "none")
+NORMS = ("rms", "layer")
+MLPS = ("swiglu", "gelu")
+# Each family is a preset over the options (None in ModelConfig -> the family's value); arch also decides biases.
+FAMILY_OPTIONS = {"llama": {"positions": "rope", "norm": "rms", "mlp": "swiglu"},
+                  "gpt2": {"positions": "learned", "norm": "layer", "mlp": "gelu"}}
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
@@ -35,13 +41,18 @@ DPO_REFERENCES = ("on_the_fly", "once")
 
 @dataclass
 class ModelConfig:
-    arch: str = "llama"  # llama | gpt2
+    arch: str = "llama"  # llama | gpt2: the family (a preset of the three options below) and biases (gpt2 only)
+    # Architecture options, None -> the family's (llama: rope/rms/swiglu, gpt2: learned/layer/gelu).
+    # GGUF and Hugging Face export take only a family's own combination.
+    positions: str | None = None  # rope (RoPE in attention) | learned (a position table added to the embedding) | none
+    norm: str | None = None  # rms (RMSNorm) | layer (LayerNorm, scale and bias)
+    mlp: str | None = None  # swiglu (w_gate, w_up, w_down; d_ff 8/3*d_model) | gelu (w_up, w_down; d_ff 4*d_model)
     vocab_size: int = 512
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
     n_kv_heads: int | None = None  # None -> n_heads (llama); gpt2 always n_heads
-    d_ff: int | None = None  # None -> llama: 8/3*d_model rounded up to ffn_multiple_of; gpt2: 4*d_model
+    d_ff: int | None = None  # None -> swiglu: 8/3*d_model rounded up to ffn_multiple_of; gelu: 4*d_model
     ffn_multiple_of: int = 64
     max_seq_len: int = 256
     norm_eps: float = 1e-5
@@ -309,10 +320,12 @@ def _round_up(x: float, multiple: int) -> int:
 
 def resolve_model(m: ModelConfig) -> ModelConfig:
     """Fill the model's derived values (the one place they are computed) and validate it."""
+    _choice(m.arch, ARCHS, "model.arch")
+    m = dataclasses.replace(m, **{k: v for k, v in FAMILY_OPTIONS[m.arch].items() if getattr(m, k) is None})
     n_kv = m.n_heads if (m.n_kv_heads is None or m.arch == "gpt2") else m.n_kv_heads
     if m.d_ff is not None:
         d_ff = m.d_ff
-    elif m.arch == "gpt2":
+    elif m.mlp == "gelu":
         d_ff = 4 * m.d_model
     else:  # SwiGLU keeps the MLP's parameter count near 2*4*d^2 with 3 matrices.
         d_ff = _round_up(8 * m.d_model / 3, max(m.ffn_multiple_of, 1))
@@ -343,6 +356,9 @@ def _check_positive(values: dict, strict: bool) -> None:
 
 def validate_model(m: ModelConfig) -> None:
     _choice(m.arch, ARCHS, "model.arch")
+    for key, options in (("positions", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+        if getattr(m, key) is not None:
+            _choice(getattr(m, key), options, f"model.{key}")
     _choice(m.compute_dtype, DTYPES, "model.compute_dtype")
     _choice(m.param_dtype, DTYPES, "model.param_dtype")
     _choice(m.remat, REMAT_POLICIES, "model.remat")
@@ -363,11 +379,24 @@ def validate_model(m: ModelConfig) -> None:
         raise ConfigError(
             f"model.n_kv_heads={m.n_kv_heads} does not divide model.n_heads={m.n_heads}; "
             f"use a divisor of n_heads (1 = multi-query, n_heads = multi-head)")
-    if m.arch == "llama" and m.head_dim % 2:
+    if m.positions == "rope" and m.head_dim % 2:
         raise ConfigError(f"model: head_dim = d_model/n_heads = {m.head_dim} must be even for RoPE")
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     validate_precision(m)
+
+
+def off_family(m: ModelConfig, exporter: str) -> str | None:
+    """None when a resolved `m` has its family's own options, else the one line an exporter that carries
+    only the presets raises: the options that differ and the nearest model that exports (the same arch,
+    those options set back to the family's)."""
+    preset = FAMILY_OPTIONS[m.arch]
+    off = [k for k in preset if getattr(m, k) != preset[k]]
+    if not off:
+        return None
+    return (f"{', '.join(f'model.{k}={getattr(m, k)}' for k in off)} with model.arch={m.arch}: {exporter} carries "
+            f"{m.arch} as {'+'.join(preset.values())} only; the nearest model that exports is trained with "
+            f"{', '.join(f'model.{k}={preset[k]}' for k in off)} (model.arch={m.arch}'s preset)")
 
 
 def validate_moe(m: ModelConfig) -> None:

@@ -6,6 +6,8 @@ model, never called by users directly:
 - `grouped_attention`: causal attention in the grouped, head-major layout [B, K, G, T, H] with
   custom gradients (`grouped_scores`, `grouped_mix`) whose dK and dV are computed from transposed
   small operands (`kv_side_grad`). `model.attention=einsum` (and `auto` on CPU) picks it.
+  `grouped_probs` is its softmax, which `einsum_attention_with_probs` also returns (the attention
+  maps of atlas_jax.viz: the weights the kernel mixes the values with, not a recomputation).
 - `rowmajor_grad_dot_general`: nn.Dense's dot_general whose weight gradient x^T g keeps g
   row-major. The model uses it on CPU when no remat policy needs to see plain dot_generals.
 
@@ -69,6 +71,20 @@ def _mix_bwd(res, do):
 grouped_mix.defvjp(lambda p, v: (grouped_mix(p, v), (p, v)), _mix_bwd)
 
 
+def grouped_probs(q_BxKxGxTxH: Array, k_BxKxSxH: Array, mask_BxTxS: Array | None) -> Array:
+    """The softmax attention weights `grouped_attention` mixes the values with: probs_BxKxGxTxS (float32),
+    causal when mask is None, each row summing to 1."""
+    h = q_BxKxGxTxH.shape[-1]
+    t, s = q_BxKxGxTxH.shape[3], k_BxKxSxH.shape[2]
+    scores = grouped_scores(q_BxKxGxTxH, k_BxKxSxH).astype(jnp.float32) / math.sqrt(h)
+    if mask_BxTxS is None:
+        mask = jnp.tril(jnp.ones((t, s), bool), s - t)
+    else:
+        mask = mask_BxTxS[:, None, None]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1)
+
+
 def grouped_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
                       mask_BxTxS: Array | None) -> Array:
     """Attention written out in the grouped, head-major layout: causal when mask is None.
@@ -79,15 +95,7 @@ def grouped_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
     the backward computes dK and dV from transposed small operands (`kv_side_grad`). Returns
     out_BxKxGxTxH.
     """
-    h = q_BxKxGxTxH.shape[-1]
-    t, s = q_BxKxGxTxH.shape[3], k_BxKxSxH.shape[2]
-    scores = grouped_scores(q_BxKxGxTxH, k_BxKxSxH).astype(jnp.float32) / math.sqrt(h)
-    if mask_BxTxS is None:
-        mask = jnp.tril(jnp.ones((t, s), bool), s - t)
-    else:
-        mask = mask_BxTxS[:, None, None]
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
+    probs = grouped_probs(q_BxKxGxTxH, k_BxKxSxH, mask_BxTxS).astype(v_BxKxSxH.dtype)
     return grouped_mix(probs, v_BxKxSxH)
 
 
@@ -108,6 +116,17 @@ def einsum_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_
     out = grouped_attention(to_grouped(q_BxTxNxH, kv), k_BxSxKxH.transpose(0, 2, 1, 3),
                             v_BxSxKxH.transpose(0, 2, 1, 3), mask_BxTxS)
     return from_grouped(out)
+
+
+def einsum_attention_with_probs(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
+                                mask_BxTxS: Array | None) -> tuple[Array, Array]:
+    """`einsum_attention`'s output and the weights it mixed the values with, probs_BxNxTxS (query
+    head n = k*G + g): the same computation as `grouped_attention`, its probabilities kept."""
+    kv = k_BxSxKxH.shape[2]
+    probs = grouped_probs(to_grouped(q_BxTxNxH, kv), k_BxSxKxH.transpose(0, 2, 1, 3), mask_BxTxS)
+    out = grouped_mix(probs.astype(v_BxSxKxH.dtype), v_BxSxKxH.transpose(0, 2, 1, 3))
+    b, k, g, t, s = probs.shape
+    return from_grouped(out), probs.reshape(b, k * g, t, s)
 
 
 # --------------------------------------------------------------------------- dense

@@ -1,14 +1,19 @@
-"""Decoder-only transformers in Flax Linen: the `llama` and `gpt2` families.
+"""Decoder-only transformers in Flax Linen: the `llama` and `gpt2` families, presets over options.
+
+`model.positions` (rope | learned | none), `model.norm` (rms | layer) and `model.mlp` (swiglu | gelu)
+default to the family's (llama: rope/rms/swiglu, gpt2: learned/layer/gelu; config.FAMILY_OPTIONS);
+`model.arch` alone decides the biases. The param paths below follow the options, so a preset's
+params are what they always were.
 
 Params are a plain pytree with readable paths, the same words the GGUF table uses:
 
     embed/embedding                      [V, D]
-    pos_embed/embedding                  [max_seq_len, D]          gpt2 only
-    layers_{i}/attn_norm/{scale,bias}    [D]                       bias: gpt2 only
+    pos_embed/embedding                  [max_seq_len, D]          positions=learned only
+    layers_{i}/attn_norm/{scale,bias}    [D]                       bias: norm=layer only
     layers_{i}/attn/w{q,k,v,o}/kernel    wq [D, H*Dh], wk/wv [D, KV*Dh], wo [H*Dh, D]
     layers_{i}/attn/w{q,k,v,o}/bias      gpt2 only
     layers_{i}/mlp_norm/{scale,bias}     [D]
-    layers_{i}/mlp/w_gate/kernel         [D, F]                    llama only (SwiGLU)
+    layers_{i}/mlp/w_gate/kernel         [D, F]                    mlp=swiglu only
     layers_{i}/mlp/w_up/{kernel,bias}    [D, F]
     layers_{i}/mlp/w_down/{kernel,bias}  [F, D]
     layers_{i}/moe/router/kernel         [D, E]                    MoE layers (llama), instead of mlp/
@@ -17,7 +22,7 @@ Params are a plain pytree with readable paths, the same words the GGUF table use
     final_norm/{scale,bias}              [D]
     lm_head/kernel                       [D, V]                    untied heads only
 
-RoPE convention (llama): ADJACENT pairs. Dimension pair i of a head is (x[2i], x[2i+1]), rotated by
+RoPE convention (positions=rope): ADJACENT pairs. Dimension pair i of a head is (x[2i], x[2i+1]), rotated by
 position * theta^(-2i/Dh). This is how llama.cpp's `llama` architecture (GGML_ROPE_TYPE_NORM)
 rotates, so Q/K rows export to GGUF without a permutation. atlas_torch_ref uses the same pairing.
 
@@ -38,6 +43,8 @@ Two entry points, sharing params:
   rows add `positions_BxT` and `segment_ids_BxT` (attention kept inside each segment).
 - `model.apply(params, tokens_BxT, positions_BxT, cache, method=Transformer.decode)`
   -> (logits_BxTxV, cache): prefill and one-token-at-a-time decoding with a KV cache (`init_cache`).
+With `mutable=[ATTENTION_WEIGHTS]` the first one also returns each layer's attention weights
+(`layers_{i}/attn/probs`, [B, N, T, S]), sown from the einsum kernel that then computes the layer.
 """
 from __future__ import annotations
 
@@ -52,8 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from atlas_jax.config import ModelConfig
-from atlas_jax.kernels import (einsum_attention, from_grouped, grouped_attention, rowmajor_grad_dot_general,
-                               to_grouped)
+from atlas_jax.kernels import (einsum_attention, einsum_attention_with_probs, from_grouped, grouped_attention,
+                               rowmajor_grad_dot_general, to_grouped)
 from atlas_jax.moe import EXPERT_IMPLS, load_balance_loss, route, router_z_loss
 
 Array = jax.Array
@@ -100,7 +107,7 @@ class LayerNorm(nn.Module):
 
 
 def make_norm(cfg: ModelConfig, name: str) -> nn.Module:
-    cls = RMSNorm if cfg.arch == "llama" else LayerNorm
+    cls = RMSNorm if cfg.norm == "rms" else LayerNorm
     return cls(eps=cfg.norm_eps, param_dtype=dtype_of(cfg.param_dtype), name=name)
 
 
@@ -193,6 +200,11 @@ def make_dense(cfg: ModelConfig, features: int, name: str, std: float, use_bias:
                     kernel_init=_normal(std), dot_general=rowmajor_grad_dot_general if rowmajor else None, name=name)
 
 
+# With this collection mutable (model.apply(..., mutable=[ATTENTION_WEIGHTS])) each layer's full forward
+# runs the einsum kernel and sows the softmax it mixes the values with: layers_{i}/attn/probs, ([B, N, T, S],).
+ATTENTION_WEIGHTS = "attention_weights"
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -210,7 +222,7 @@ class Attention(nn.Module):
         q = self.wq(x_BxTxD).reshape(b, t, c.n_heads, c.head_dim)
         k = self.wk(x_BxTxD).reshape(b, t, c.n_kv_heads, c.head_dim)
         v = self.wv(x_BxTxD).reshape(b, t, c.n_kv_heads, c.head_dim)
-        if c.arch == "llama":
+        if c.positions == "rope":
             q = apply_rope(q, positions_BxT, c.rope_theta)
             k = apply_rope(k, positions_BxT, c.rope_theta)
         new_cache = None
@@ -223,6 +235,9 @@ class Attention(nn.Module):
             new_cache = {"k": k_all, "v": v_all}
             out = from_grouped(grouped_attention(to_grouped(q, c.n_kv_heads), k_all.astype(q.dtype),
                                                  v_all.astype(q.dtype), mask_BxTxS))
+        elif self.is_mutable_collection(ATTENTION_WEIGHTS):  # the einsum kernel, its softmax kept
+            out, probs_BxNxTxS = einsum_attention_with_probs(q, k, v, mask_BxTxS)
+            self.sow(ATTENTION_WEIGHTS, "probs", probs_BxNxTxS)
         else:
             out = attention(q, k, v, attention_impl(c), mask_BxTxS)
         return self.wo(out.reshape(b, t, c.n_heads * c.head_dim)), new_cache
@@ -236,7 +251,7 @@ class MLP(nn.Module):
         c = self.cfg
         dense = functools.partial(make_dense, c)
         out_std = 0.02 / math.sqrt(2 * c.n_layers)
-        if c.arch == "llama":
+        if c.mlp == "swiglu":
             gate = dense(c.d_ff, "w_gate", 0.02)(x_BxTxD)
             up = dense(c.d_ff, "w_up", 0.02)(x_BxTxD)
             h = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(up.dtype)
@@ -318,7 +333,7 @@ class Transformer(nn.Module):
         pd, cd = dtype_of(c.param_dtype), dtype_of(c.compute_dtype)
         self.embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_normal(0.02),
                               dtype=cd, param_dtype=pd, name="embed")
-        if c.arch == "gpt2":
+        if c.positions == "learned":
             self.pos_embed = nn.Embed(c.max_seq_len, c.d_model, embedding_init=_normal(0.02),
                                       dtype=cd, param_dtype=pd, name="pos_embed")
         block = Block
@@ -333,7 +348,7 @@ class Transformer(nn.Module):
 
     def _embed(self, tokens_BxT, positions_BxT, deterministic):
         x = self.embed(tokens_BxT)
-        if self.cfg.arch == "gpt2":
+        if self.cfg.positions == "learned":
             x = x + self.pos_embed(jnp.maximum(positions_BxT, 0))
         return self.dropout(x, deterministic=deterministic)
 

@@ -1,5 +1,8 @@
 """A plain PyTorch twin of atlas_jax's `llama` and `gpt2` models, for parity tests only.
 
+The families are presets over three options (`positions` rope | learned | none, `norm` rms | layer,
+`mlp` swiglu | gelu); `arch` alone decides the biases (gpt2: every Linear but the head).
+
 Written independently of atlas_jax (it imports nothing from it): attention is spelled out as
 matmul + causal mask + softmax, RoPE rotates adjacent pairs with strided slices, GQA repeats each
 key/value head over its group of query heads. It shares only hyper-parameter VALUES with the Flax
@@ -46,6 +49,18 @@ class RefConfig:
     moe_d_ff: int | None = None  # None -> d_ff
     moe_aux_loss_coef: float = 0.0
     moe_z_loss_coef: float = 0.0
+    # Architecture options, None -> the family's: llama rope/rms/swiglu, gpt2 learned/layer/gelu (arch decides biases).
+    positions: str | None = None  # rope | learned | none
+    norm: str | None = None  # rms | layer
+    mlp: str | None = None  # swiglu | gelu
+
+    def __post_init__(self):
+        family = {"llama": ("rope", "rms", "swiglu"), "gpt2": ("learned", "layer", "gelu")}.get(self.arch)
+        if family is None:
+            raise ValueError(f"arch {self.arch!r}: expected llama or gpt2")
+        for name, default in zip(("positions", "norm", "mlp"), family):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, default)
 
     @property
     def head_dim(self) -> int:
@@ -76,7 +91,7 @@ class RMSNorm(nn.Module):
 
 
 def make_norm(cfg: RefConfig) -> nn.Module:
-    if cfg.arch == "llama":
+    if cfg.norm == "rms":
         return RMSNorm(cfg.d_model, cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)  # scale and bias
 
@@ -116,7 +131,7 @@ class Attention(nn.Module):
         q = self.wq(x_BxTxD).view(b, t, c.n_heads, dh).transpose(1, 2)  # B,H,T,Dh
         k = self.wk(x_BxTxD).view(b, t, c.n_kv_heads, dh).transpose(1, 2)  # B,KV,T,Dh
         v = self.wv(x_BxTxD).view(b, t, c.n_kv_heads, dh).transpose(1, 2)
-        if c.arch == "llama":
+        if c.positions == "rope":
             q, k = rope(q, c.rope_theta, positions_BxT), rope(k, c.rope_theta, positions_BxT)
         # Query head h reads kv head h // group: repeat each kv head `group` times in place.
         group = c.n_heads // c.n_kv_heads
@@ -140,15 +155,15 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: RefConfig):
         super().__init__()
-        self.arch = cfg.arch
+        self.swiglu = cfg.mlp == "swiglu"
         bias = cfg.arch == "gpt2"
-        if cfg.arch == "llama":
-            self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        if self.swiglu:
+            self.w_gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
         self.w_up = nn.Linear(cfg.d_model, cfg.d_ff, bias=bias)
         self.w_down = nn.Linear(cfg.d_ff, cfg.d_model, bias=bias)
 
     def forward(self, x_BxTxD: torch.Tensor) -> torch.Tensor:
-        if self.arch == "llama":  # SwiGLU
+        if self.swiglu:
             return self.w_down(F.silu(self.w_gate(x_BxTxD)) * self.w_up(x_BxTxD))
         return self.w_down(F.gelu(self.w_up(x_BxTxD), approximate="tanh"))
 
@@ -221,7 +236,7 @@ class Transformer(nn.Module):
             raise ValueError("mixture-of-experts has SwiGLU experts: llama only")
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        if cfg.arch == "gpt2":
+        if cfg.positions == "learned":
             self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)
@@ -236,7 +251,7 @@ class Transformer(nn.Module):
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} > max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(tokens_BxT)
-        if self.cfg.arch == "gpt2":
+        if self.cfg.positions == "learned":
             x = x + self.pos_embed(torch.arange(t) if positions_BxT is None else positions_BxT.long())
         for layer in self.layers:
             x = layer(x, positions_BxT, segment_ids_BxT)

@@ -39,7 +39,7 @@ from gguf import GGUFValueType as VT
 from gguf import Keys, LlamaFileType, TokenType
 from gguf import MODEL_TENSOR as T
 
-from atlas_jax.config import ModelConfig
+from atlas_jax.config import ModelConfig, off_family
 from atlas_jax.errors import AtlasError
 from atlas_jax.export.llamacpp import LLAMACPP_FTYPES, llamacpp_quantize
 from atlas_jax.export.quantize import gptq_q4_0
@@ -424,6 +424,9 @@ def model_metadata(cfg: ModelConfig, ftype: str, name: str) -> dict[str, tuple[A
 
 def check_exportable(cfg: ModelConfig) -> None:
     """Options llama.cpp's graphs cannot carry, refused in one line naming the nearest that works."""
+    off = off_family(cfg, "GGUF export")
+    if off:
+        raise ExportError(off)
     if cfg.moe_experts and not all(cfg.is_moe_layer(i) for i in range(cfg.n_layers)):
         dense = [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)]
         raise ExportError(

@@ -36,6 +36,7 @@ from atlas_jax.export.gguf import (
     ARCHS,
     TENSOR_TABLE,
     ExportError,
+    check_exportable,
     flatten,
     tensor_name,
     write_gguf,
@@ -100,6 +101,7 @@ def export_lora_gguf(adapters: Mapping, base: Mapping, model_cfg: ModelConfig, l
                           f"{' or '.join(ADAPTER_FTYPES)}; pass --type f32 or --type f16")
     if model_cfg.arch not in ARCHS:
         raise ExportError(f"model.arch '{model_cfg.arch}' has no GGUF mapping; export supports {', '.join(ARCHS)}")
+    check_exportable(model_cfg)
     tensors = gguf_lora_tensors(adapters, base, model_cfg, lora)
     out_path = Path(out_path)
     meta: dict[str, tuple[Any, VT, VT | None]] = {

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from atlas_jax.config import ModelConfig, resolve_model
+from atlas_jax.config import ModelConfig, off_family, resolve_model
 from atlas_jax.errors import AtlasError, ConfigError
 
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM")
@@ -140,6 +140,9 @@ def atlas_model_config(hf: dict, where: str = "config.json") -> ModelConfig:
 def hf_config(m: ModelConfig, bos_id: int | None, eos_id: int | None, pad_id: int | None = None,
               dtype: str = "float32") -> dict:
     """config.json for `m` that transformers loads with no custom code."""
+    off = off_family(m, "Hugging Face export")
+    if off:
+        raise HFError(off)
     ids = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id))
            if v is not None and v >= 0}
     if m.arch == "gpt2":

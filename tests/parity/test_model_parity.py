@@ -1,7 +1,8 @@
 """Parity: the Flax model (atlas_jax.model) against the independent PyTorch twin (atlas_torch_ref).
 
 Float32 on CPU on both sides, tiny models (d_model 64-128, 1-2 layers, max_seq_len 16), each
-config jitted once. Logits, loss and gradients are checked on every path the model can take,
+config jitted once. CASES cover the architecture options (positions rope/learned/none, norm
+rms/layer, mlp swiglu/gelu, MHA/GQA/MQA, MoE on/off, biases on/off): each value at least once. Logits, loss and gradients are checked on every path the model can take,
 (attention, matmul) in {einsum, xla} x {rowmajor, xla}, on MATRIX_CASES (a GQA llama with an untied
 head, a gpt2 with biases and a tied head), and on the CPU default path (einsum, rowmajor) for the
 other configs; cuDNN attention (bf16 only) is checked too where a GPU is present (see
@@ -70,6 +71,15 @@ CASES = {  # name -> ModelConfig fields (2 layers, max_seq_len MAX_T unless give
                                    n_layers=1),
     "gpt2-tied": dict(arch="gpt2", vocab_size=97, d_model=64, n_heads=4),
     "gpt2-dh64-tied-L1": dict(arch="gpt2", vocab_size=128, d_model=128, n_heads=2, n_layers=1),
+    # The architecture options off their family's preset (model.positions / norm / mlp): with the presets
+    # above, every value of every option appears at least once, with and without biases, GQA and MoE.
+    "llama-learned-layer-gelu-gqa2-untied": dict(arch="llama", vocab_size=97, d_model=64, n_heads=4, n_kv_heads=2,
+                                                 positions="learned", norm="layer", mlp="gelu", tie_embeddings=False),
+    "gpt2-rope-rms-swiglu-tied": dict(arch="gpt2", vocab_size=97, d_model=64, n_heads=4, positions="rope", norm="rms",
+                                      mlp="swiglu"),
+    # layer 0 MoE (4 SwiGLU experts, 2 per token), layer 1 a dense GELU MLP; no position information at all
+    "llama-nope-moe-gelu-tied": dict(arch="llama", vocab_size=97, d_model=64, n_heads=4, n_kv_heads=2,
+                                     positions="none", mlp="gelu", moe_experts=4, moe_every=2),
 }
 SHAPES = [(1, 1), (7, 3), (MAX_T, 3)]  # (T, B) for logits
 GRAD_SHAPES = [(7, 3)]  # for loss and grads (a grad compile costs ~3 CPU-s), plus GRAD_EXTRA

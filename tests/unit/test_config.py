@@ -6,7 +6,7 @@ import textwrap
 
 import pytest
 
-from atlas_jax.config import Config, ModelConfig, load_config, resolve, save_config
+from atlas_jax.config import Config, ModelConfig, load_config, resolve, resolve_model, save_config
 from atlas_jax.errors import AtlasError, ConfigError
 
 TINY_YAML = """\
@@ -66,6 +66,24 @@ def test_resolve_fills_llama_derived_values(tmp_path):
 def test_resolve_fills_gpt2_derived_values(tmp_path):
     m = load_config(write(tmp_path, TINY_YAML), ["model.arch=gpt2", "model.n_kv_heads=2"]).model
     assert (m.n_kv_heads, m.d_ff) == (4, 4 * 96)  # gpt2 has no grouped attention
+
+
+@pytest.mark.parametrize("arch, want", [("llama", ("rope", "rms", "swiglu")), ("gpt2", ("learned", "layer", "gelu"))])
+def test_architecture_options_default_to_the_family(tmp_path, arch, want):
+    m = load_config(write(tmp_path, TINY_YAML), [f"model.arch={arch}"]).model
+    assert (m.positions, m.norm, m.mlp) == want
+    # A config saved before the options existed (no such keys) resolves to the same model.
+    old = {k: v for k, v in dataclasses.asdict(m).items() if k not in ("positions", "norm", "mlp")}
+    assert resolve_model(ModelConfig(**old)) == m
+
+
+def test_architecture_options_override_the_family(tmp_path):
+    m = load_config(write(tmp_path, TINY_YAML), ["model.positions=none", "model.norm=layer", "model.mlp=gelu"]).model
+    assert (m.arch, m.positions, m.norm, m.mlp, m.d_ff) == ("llama", "none", "layer", "gelu", 4 * 96)
+    m = load_config(write(tmp_path, TINY_YAML), ["model.arch=gpt2", "model.mlp=swiglu"]).model
+    assert (m.positions, m.mlp, m.d_ff) == ("learned", "swiglu", 256)
+    # Without RoPE an odd head_dim is fine.
+    assert load_config(write(tmp_path, TINY_YAML), ["model.d_model=36", "model.positions=learned"]).model.head_dim == 9
 
 
 def test_explicit_d_ff_is_kept(tmp_path):
@@ -134,6 +152,9 @@ BAD_OVERRIDES = {  # id: (overrides, words the one-line message must contain)
     "seq_len-over-max_seq_len": (["data.seq_len=65"], ["data.seq_len=65", "max_seq_len=64"]),
     "microbatches-not-dividing": (["train.microbatches=3"], ["microbatches=3", "batch_size=8", "divide"]),
     "bad-arch": (["model.arch=mamba"], ["model.arch", "mamba", "llama"]),
+    "bad-positions": (["model.positions=alibi"], ["model.positions", "alibi", "rope, learned, none"]),
+    "bad-norm": (["model.norm=batch"], ["model.norm", "batch", "rms, layer"]),
+    "bad-mlp": (["model.mlp=relu"], ["model.mlp", "relu", "swiglu, gelu"]),
     "odd-head-dim-for-rope": (["model.d_model=36", "model.n_heads=4"], ["head_dim", "even"]),
     "nan-lr": (["train.lr=.nan"], ["train.lr", "finite"]),
     "inf-lr": (["train.lr=inf"], ["train.lr", "finite"]),
@@ -214,6 +235,7 @@ def test_config_errors_are_atlas_errors():
     [],
     ["model.arch=gpt2", "model.tie_embeddings=false", "data.tokenizer=tok.model", "train.mesh=[2, 4]",
      "data.sources=[a.txt, b.jsonl]", "train.lr=1", "model.compute_dtype=bfloat16"],
+    ["model.positions=none", "model.norm=layer", "model.mlp=gelu"],
 ])
 def test_save_config_then_load_config_is_equal(tmp_path, overrides):
     cfg = load_config(write(tmp_path, TINY_YAML), overrides)

@@ -330,3 +330,21 @@ def test_cli_prints_the_unigram_warning_as_one_line(unigram_tokenizer, tmp_path,
     lines = [ln for ln in err.splitlines() if "unigram" in ln]
     assert len(lines) == 1 and lines[0].startswith("warning: ") and "data.tokenizer_type=bpe" in lines[0], err
     assert "ExportWarning" not in err and "warnings.warn" not in err, err
+
+
+@pytest.mark.parametrize("arch, options, words", [
+    ("llama", dict(positions="learned"), ["model.positions=learned with model.arch=llama", "rope+rms+swiglu",
+                                          "model.positions=rope"]),
+    ("gpt2", dict(norm="rms", mlp="swiglu"), ["model.norm=rms, model.mlp=swiglu with model.arch=gpt2",
+                                              "learned+layer+gelu", "model.norm=layer, model.mlp=gelu"]),
+])
+def test_options_off_the_family_preset_are_refused_naming_the_nearest(shakespeare_tokenizer, tmp_path, arch,
+                                                                       options, words):
+    cfg = resolve_model(ModelConfig(arch=arch, vocab_size=shakespeare_tokenizer.vocab_size, d_model=32, n_layers=1,
+                                    n_heads=2, max_seq_len=16, **options))
+    out = tmp_path / "m.gguf"
+    with pytest.raises(ExportError) as e:
+        export_gguf(init_params(cfg, jax.random.key(0)), cfg, shakespeare_tokenizer.path, out)
+    msg = str(e.value)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    assert "GGUF export" in msg and not out.exists()

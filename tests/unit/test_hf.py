@@ -235,6 +235,18 @@ def test_bad_sources_are_one_line_and_write_nothing(models, tmp_path):
             env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hfhome")})
 
 
+def test_export_refuses_options_off_the_family_preset():
+    from atlas_jax.config import ModelConfig, resolve_model
+    from atlas_jax.hf.convert import HFError, hf_config
+
+    m = resolve_model(ModelConfig(arch="llama", positions="none", mlp="gelu"))
+    with pytest.raises(HFError) as e:
+        hf_config(m, 1, 2)
+    assert str(e.value) == ("model.positions=none, model.mlp=gelu with model.arch=llama: Hugging Face export carries "
+                            "llama as rope+rms+swiglu only; the nearest model that exports is trained with "
+                            "model.positions=rope, model.mlp=swiglu (model.arch=llama's preset)")
+
+
 def test_import_and_export_refuse_an_existing_out(models, tmp_path):
     src, _, run = models["gpt2"]
     out = tmp_path / "taken"
