@@ -69,9 +69,21 @@ def _mix_bwd(res, do):
 grouped_mix.defvjp(lambda p, v: (grouped_mix(p, v), (p, v)), _mix_bwd)
 
 
+def softmax_with_sink(scores: Array, sink_KxG: Array | None) -> Array:
+    """softmax over the last axis; with per-head sink logits (gpt-oss), over [scores, sink] with the
+    sink's column dropped: each row's probabilities then sum to less than 1. scores [B, K, G, T, S]."""
+    if sink_KxG is None:
+        return jax.nn.softmax(scores, axis=-1)
+    sink = jnp.broadcast_to(sink_KxG.astype(scores.dtype)[:, :, None, None], scores.shape[:-1] + (1,))
+    m = jax.lax.stop_gradient(jnp.maximum(scores.max(-1, keepdims=True), sink))
+    e = jnp.exp(scores - m)
+    return e / (e.sum(-1, keepdims=True) + jnp.exp(sink - m))
+
+
 def grouped_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
-                      mask_BxTxS: Array | None) -> Array:
-    """Attention written out in the grouped, head-major layout: causal when mask is None.
+                      mask_BxTxS: Array | None, sink_KxG: Array | None = None) -> Array:
+    """Attention written out in the grouped, head-major layout: causal when mask is None; sink_KxG:
+    learned sink logits per query head (`softmax_with_sink`).
 
     Query head k*G + g reads key/value head k. The scores stay [B, K, G, T, S] from the first
     einsum to the second, so no layout change of the biggest tensor happens in between (on CPU
@@ -87,7 +99,7 @@ def grouped_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
     else:
         mask = mask_BxTxS[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BxKxSxH.dtype)
+    probs = softmax_with_sink(scores, sink_KxG).astype(v_BxKxSxH.dtype)
     return grouped_mix(probs, v_BxKxSxH)
 
 
@@ -102,11 +114,13 @@ def from_grouped(out_BxKxGxTxH: Array) -> Array:
     return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
 
 
-def einsum_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array | None) -> Array:
+def einsum_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array | None,
+                     sink_N: Array | None = None) -> Array:
     """`grouped_attention` on the [B, T, N, H] / [B, S, K, H] layout the projections produce."""
     kv = k_BxSxKxH.shape[2]
+    sink_KxG = None if sink_N is None else sink_N.reshape(kv, -1)
     out = grouped_attention(to_grouped(q_BxTxNxH, kv), k_BxSxKxH.transpose(0, 2, 1, 3),
-                            v_BxSxKxH.transpose(0, 2, 1, 3), mask_BxTxS)
+                            v_BxSxKxH.transpose(0, 2, 1, 3), mask_BxTxS, sink_KxG)
     return from_grouped(out)
 
 
