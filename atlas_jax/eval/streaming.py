@@ -138,14 +138,12 @@ def by_position(nll_BxN: np.ndarray, bytes_BxN: np.ndarray, edges: Sequence[int]
 
 
 def markdown(results: list[dict]) -> str:
-    """One row per position bucket, one perplexity column per (model, policy)."""
+    """One row per (model, policy), one column per position bucket: perplexity (bits per byte)."""
     from atlas_jax.eval.report import table
 
-    header = ["target position"] + [f"{r['label']} ppl (bpb)" for r in results]
-    rows = []
-    for i, bucket in enumerate(results[0]["buckets"]):
-        rows.append([f"{bucket['from']}-{bucket['to']}"] + [
-            f"{r['buckets'][i]['perplexity']:.2f} ({r['buckets'][i]['bits_per_byte']:.3f})" for r in results])
+    header = ["model, policy"] + [f"{b['from']}-{b['to']}" for b in results[0]["buckets"]]
+    rows = [[r["label"]] + [f"{b['perplexity']:.2f} ({b['bits_per_byte']:.3f})" for b in r["buckets"]]
+            for r in results]
     return table(header, rows)
 
 

@@ -50,20 +50,21 @@ def test_table_json_and_png_cover_8x_the_context_and_a_one_layer_rolling_window_
     (sinks=0) must score exactly what the window recomputed from scratch does, at every position."""
     out, md, png = tmp_path / "s.json", tmp_path / "s.md", tmp_path / "s.png"
     streaming_ppl.main(["--checkpoint", str(runs["one_layer"]),
-                        "--length", str(8 * MAX_T), "--rows", "2", "--sinks", "0,2",
+                        "--length", str(8 * MAX_T), "--rows", "2", "--sinks", "0,2", "--dense",
                         "--out", str(out), "--markdown", str(md), "--plot", str(png)])
     results = json.loads(out.read_text())["results"]
-    assert [r["policy"] for r in results] == ["recompute", "sinks=0", "sinks=2"]
+    assert [r["policy"] for r in results] == ["recompute", "dense", "sinks=0", "sinks=2"]
     for r in results:
         assert [b["to"] for b in r["buckets"]] == [8, 16, 32, 64, 128] and r["buckets"][-1]["tokens"] == 2 * 64
-    recompute, rolling, sinks = results
+    recompute, dense, rolling, sinks = results
     for a, b in zip(recompute["buckets"], rolling["buckets"]):
         assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
-    for a, b in zip(rolling["buckets"][:2], sinks["buckets"][:2]):  # the cache has not filled yet: no difference
-        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
+    for r in (dense, sinks):  # the cache has not filled yet: no difference
+        for a, b in zip(rolling["buckets"][:2], r["buckets"][:2]):
+            assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-5)
     assert sinks["buckets"][-1]["perplexity"] != pytest.approx(rolling["buckets"][-1]["perplexity"], rel=1e-3)
-    assert md.read_text().startswith("| target position |") and png.stat().st_size > 0
-    assert "| 65-128 |" in capsys.readouterr().out
+    assert md.read_text().startswith("| model, policy | 1-8 | 9-16 | 17-32 | 33-64 | 65-128 |") and png.stat().st_size
+    assert f"| {runs['one_layer'].name} sinks=2 |" in capsys.readouterr().out
 
 
 def test_position_edges_and_bad_input_are_one_line(runs, monkeypatch, capsys):
