@@ -202,6 +202,19 @@ def make_dense(cfg: ModelConfig, features: int, name: str, std: float, use_bias:
                     kernel_init=_normal(std), dot_general=rowmajor_grad_dot_general if rowmajor else None, name=name)
 
 
+def write_cache(cache_BxKxSxH: Array, new_BxLxKxH: Array, where: Array, n_sinks: int) -> Array:
+    """The new keys or values in a head-major cache. where: the slot index of the block's first token
+    (a plain cache: the L = n_sinks + T rows go to slots 0..n_sinks-1 and n_sinks + where..), or
+    slots_BxL (a streaming cache: a scatter, out-of-range slots dropped)."""
+    new = new_BxLxKxH.astype(cache_BxKxSxH.dtype)
+    if where.ndim == 2:  # indexing [b, :, slot] takes the values as [B, L, K, H], the layout they have
+        return cache_BxKxSxH.at[jnp.arange(new.shape[0])[:, None], :, where].set(new, mode="drop")
+    new = new.transpose(0, 2, 1, 3)
+    if n_sinks:
+        cache_BxKxSxH = jax.lax.dynamic_update_slice(cache_BxKxSxH, new[:, :, :n_sinks], (0, 0, 0, 0))
+    return jax.lax.dynamic_update_slice(cache_BxKxSxH, new[:, :, n_sinks:], (0, 0, n_sinks + where, 0))
+
+
 class Attention(nn.Module):
     cfg: ModelConfig
 
@@ -215,9 +228,9 @@ class Attention(nn.Module):
         if c.sink_logits:
             self.sink = self.param("sink", nn.initializers.zeros, (c.n_heads,), dtype_of(c.param_dtype))
 
-    def __call__(self, x_BxTxD, positions_BxT, kv_cache=None, slots_BxT=None, mask_BxTxS=None,
+    def __call__(self, x_BxTxD, positions_BxT, kv_cache=None, cache_index=None, mask_BxTxS=None,
                  key_positions_BxS=None):
-        """kv_cache: write the new keys/values at slots_BxT (out of range: not written) and attend over
+        """kv_cache: write the new keys/values where cache_index says (`write_cache`) and attend over
         the whole cache under mask_BxTxS. key_positions_BxS (a streaming cache): keys are cached
         un-rotated and rotated here by these positions, queries by positions_BxT."""
         c = self.cfg
@@ -233,11 +246,9 @@ class Attention(nn.Module):
         new_cache = None
         if kv_cache is not None:
             # The cache is head-major [B, K, S, H]: the grouped einsums read it as it lies, where a
-            # [B, S, K, H] cache would be transposed whole at every decode step. Indexing [b, :, slot]
-            # takes the values as [B, T, K, H], the layout k and v have.
-            rows_Bx1 = jnp.arange(b)[:, None]
-            k_all = kv_cache["k"].at[rows_Bx1, :, slots_BxT].set(k.astype(kv_cache["k"].dtype), mode="drop")
-            v_all = kv_cache["v"].at[rows_Bx1, :, slots_BxT].set(v.astype(kv_cache["v"].dtype), mode="drop")
+            # [B, S, K, H] cache would be transposed whole at every decode step.
+            k_all = write_cache(kv_cache["k"], k, cache_index, c.sink_tokens)
+            v_all = write_cache(kv_cache["v"], v, cache_index, c.sink_tokens)
             new_cache = {"k": k_all, "v": v_all}
             k_att = k_all.astype(q.dtype)
             if key_positions_BxS is not None:
@@ -316,10 +327,10 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(self.cfg.dropout)
 
     def __call__(self, x_BxTxD, positions_BxT, deterministic: bool = True,
-                 kv_cache=None, slots_BxT=None, mask_BxTxS=None, key_positions_BxS=None):
+                 kv_cache=None, cache_index=None, mask_BxTxS=None, key_positions_BxS=None):
         dt = x_BxTxD.dtype
         h = self.attn_norm(x_BxTxD).astype(dt)
-        h, new_cache = self.attn(h, positions_BxT, kv_cache, slots_BxT, mask_BxTxS, key_positions_BxS)
+        h, new_cache = self.attn(h, positions_BxT, kv_cache, cache_index, mask_BxTxS, key_positions_BxS)
         x_BxTxD = x_BxTxD + self.dropout(h, deterministic=deterministic)
         h = self.mlp(self.mlp_norm(x_BxTxD).astype(dt))
         x_BxTxD = x_BxTxD + self.dropout(h, deterministic=deterministic)
@@ -428,14 +439,14 @@ class Transformer(nn.Module):
         x, pos_BxL = self._embed(tokens_BxT, positions_BxT.astype(jnp.int32), True)
         s = cache["pos"].shape[1]
         slot_S = jnp.arange(s)
-        rows_Bx1 = jnp.arange(b)[:, None]
         index = cache["index"]
         key_pos_BxS = None
         if "keep" in cache:  # streaming
             keep = cache["keep"]
             slots_BxL = jnp.where(pos_BxL < s, pos_BxL, keep + (pos_BxL - keep) % (s - keep))
             slots_BxL = jnp.where(pos_BxL >= 0, slots_BxL, s)  # padding: dropped
-            pos_BxS = cache["pos"].at[rows_Bx1, slots_BxL].set(pos_BxL, mode="drop")
+            pos_BxS = cache["pos"].at[jnp.arange(b)[:, None], slots_BxL].set(pos_BxL, mode="drop")
+            where = slots_BxL
             # A padded query sees slot 0, so no softmax row is empty.
             mask_BxLxS = ((pos_BxS[:, None, :] >= 0) & (pos_BxS[:, None, :] <= pos_BxL[:, :, None])) | \
                          ((pos_BxL[:, :, None] < 0) & (slot_S == 0)[None, None, :])
@@ -444,15 +455,15 @@ class Transformer(nn.Module):
             rope_pos_BxL = jnp.where(pos_BxL < keep, pos_BxL, pos_BxL - shift_Bx1).clip(0)
         else:
             slots_L = jnp.concatenate([jnp.arange(n), n + index + jnp.arange(t)])
-            slots_BxL = jnp.broadcast_to(slots_L, (b, n + t))
-            pos_BxS = cache["pos"].at[rows_Bx1, slots_BxL].set(pos_BxL, mode="drop")
+            pos_BxS = write_cache(cache["pos"][:, None, :, None], pos_BxL[:, :, None, None], index, n)[:, 0, :, 0]
+            where = index
             causal_LxS = slot_S[None, :] <= slots_L[:, None]
             # A padded query sees its own slot, so no softmax row is empty.
             mask_BxLxS = causal_LxS[None] & ((pos_BxS[:, None, :] >= 0) | (slot_S[None, None, :] == slots_L[None, :, None]))
             rope_pos_BxL = jnp.maximum(pos_BxL, 0)
         new_layers = []
         for layer, kv in zip(self.layers, cache["layers"]):
-            x, new_kv = layer(x, rope_pos_BxL, True, kv, slots_BxL, mask_BxLxS, key_pos_BxS)
+            x, new_kv = layer(x, rope_pos_BxL, True, kv, where, mask_BxLxS, key_pos_BxS)
             new_layers.append(new_kv)
         new_cache = {**cache, "layers": new_layers, "pos": pos_BxS, "index": index + t}
         return self._head(x[:, n:]), new_cache
