@@ -81,6 +81,12 @@ class ModelConfig:
     # auto (grouped on CPU, ragged elsewhere) | grouped (block-grouped matmuls, fastest measured on
     # CPU) | ragged (jax.lax.ragged_dot) | dense (every expert over every token)
     moe_impl: str = "auto"
+    # Attention sinks (docs/streaming.md). sink_logits: a learned logit per head (layers_i/attn/sink [H])
+    # joins each query row's softmax as an extra column that is then dropped (gpt-oss); einsum
+    # attention only. sink_tokens: n learned vectors (sink/embedding [n, D]) prepended to every
+    # sequence at positions 0..n-1 (StreamingLLM's pre-trained sink), their logits dropped; 0 = off.
+    sink_logits: bool = False
+    sink_tokens: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -157,6 +163,11 @@ class SampleConfig:
     top_p: float = 1.0  # 1.0 disables
     max_new_tokens: int = 200
     seed: int = 0
+    # Streaming generation past model.max_seq_len (StreamingLLM, llama only): window > 0 keeps a KV
+    # cache of `window` tokens (plus the model's sink_tokens): the first n_sink tokens and a rolling
+    # window of the latest window - n_sink, positions assigned within the cache. 0 = off.
+    window: int = 0
+    n_sink: int = 4
 
 
 @dataclass
@@ -371,6 +382,7 @@ def validate_model(m: ModelConfig) -> None:
         "model.d_ff": m.d_ff, "model.rope_theta": m.rope_theta}, strict=True)
     _check_positive({"model.norm_eps": m.norm_eps}, strict=False)
     validate_moe(m)
+    validate_sinks(m)
     if m.d_model % m.n_heads:
         raise ConfigError(
             f"model.n_heads={m.n_heads} does not divide model.d_model={m.d_model}; "
@@ -421,6 +433,32 @@ def validate_moe(m: ModelConfig) -> None:
         raise ConfigError(
             f"model.moe_first_layer={m.moe_first_layer} leaves no MoE layer in model.n_layers={m.n_layers}; "
             f"use 0..{m.n_layers - 1}, or model.moe_experts=0 for a dense model")
+
+
+def validate_sinks(m: ModelConfig) -> None:
+    _check_positive({"model.sink_tokens": m.sink_tokens}, strict=False)
+    if m.sink_logits and m.attention in ("xla", "cudnn"):
+        raise ConfigError(
+            f"model.sink_logits with model.attention={m.attention}: jax.nn.dot_product_attention has no sink "
+            f"column; use model.attention=einsum (or auto, which picks einsum for sink logits)")
+
+
+def validate_sample_window(s: SampleConfig, m: ModelConfig) -> None:
+    """sample.window / sample.n_sink (streaming generation) against the model they run on."""
+    _check_positive({"sample.window": s.window, "sample.n_sink": s.n_sink}, strict=False)
+    if s.window == 0:
+        return
+    if s.n_sink >= s.window:
+        raise ConfigError(f"sample.n_sink={s.n_sink} leaves no rolling window in sample.window={s.window}; "
+                          f"use n_sink < window, e.g. sample.n_sink=4 sample.window={max(s.window, 8)}")
+    if s.window > m.max_seq_len:
+        raise ConfigError(f"sample.window={s.window} is longer than model.max_seq_len={m.max_seq_len} (positions "
+                          f"in the cache must stay in the trained range); use sample.window<={m.max_seq_len}")
+    positions = m.positions or FAMILY_OPTIONS[m.arch]["positions"]
+    if positions != "rope":
+        raise ConfigError(f"sample.window with model.positions={positions}: a cached key cannot move to a new "
+                          f"position without RoPE (learned positions are added to the input); streaming needs "
+                          f"model.positions=rope (model.arch=llama), or set sample.window=0")
 
 
 def validate_precision(m: ModelConfig) -> None:
@@ -516,6 +554,7 @@ def validate(cfg: Config) -> None:
             f"train.mesh={t.mesh}: expected [data, fsdp] with positive sizes and at most one -1, e.g. [-1, 1]")
     if not 0.0 < s.top_p <= 1.0:
         raise ConfigError(f"sample.top_p must be in (0, 1], got {s.top_p}")
+    validate_sample_window(s, m)
 
 
 # --------------------------------------------------------------------------- files

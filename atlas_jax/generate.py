@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, help="sample.top_k (0 disables)")
     p.add_argument("--top-p", type=float, help="sample.top_p (1 disables)")
     p.add_argument("--seed", type=int, help="sample.seed")
+    p.add_argument("--window", type=int, help="sample.window: stream past max_seq_len with a KV cache of this many "
+                                              "tokens (StreamingLLM; 0 = off)")
+    p.add_argument("--n-sink", type=int, help="sample.n_sink: with --window, the first tokens the cache keeps")
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--chat", action="store_true", help="prompts are user messages in the run's chat template")
     p.add_argument("--chat-template", help="with --chat: a built-in (chatml) or .jinja file instead of the run's")
@@ -109,6 +112,7 @@ class Session:
 
     def __init__(self, args: argparse.Namespace):
         from atlas_jax.init_from import load_model
+        from atlas_jax.config import validate_sample_window
         from atlas_jax.sample import check_sample_config
         from atlas_jax.tokenizer import Tokenizer
 
@@ -120,9 +124,11 @@ class Session:
             raise AtlasError(f"{tokenizer_path} has {self.tokenizer.vocab_size} pieces but the checkpoint's "
                              f"model.vocab_size={cfg.model.vocab_size}; put the run's own tokenizer file (tokenizer.model or tokenizer.json) beside it")
         flags = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature,
-                 "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+                 "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+                 "window": args.window, "n_sink": args.n_sink}
         self.sample_cfg = dataclasses.replace(cfg.sample, **{k: v for k, v in flags.items() if v is not None})
         check_sample_config(self.sample_cfg)
+        validate_sample_window(self.sample_cfg, self.model_cfg)
         self.num_samples = args.num_samples
         self.template = None
         if args.chat or args.chat_template:

@@ -71,9 +71,21 @@ def _mix_bwd(res, do):
 grouped_mix.defvjp(lambda p, v: (grouped_mix(p, v), (p, v)), _mix_bwd)
 
 
-def grouped_probs(q_BxKxGxTxH: Array, k_BxKxSxH: Array, mask_BxTxS: Array | None) -> Array:
+def softmax_with_sink(scores: Array, sink_KxG: Array | None) -> Array:
+    """softmax over the last axis; with per-head sink logits (gpt-oss), over [scores, sink] with the
+    sink's column dropped: each row's probabilities then sum to less than 1. scores [B, K, G, T, S]."""
+    if sink_KxG is None:
+        return jax.nn.softmax(scores, axis=-1)
+    sink = jnp.broadcast_to(sink_KxG.astype(scores.dtype)[:, :, None, None], scores.shape[:-1] + (1,))
+    m = jax.lax.stop_gradient(jnp.maximum(scores.max(-1, keepdims=True), sink))
+    e = jnp.exp(scores - m)
+    return e / (e.sum(-1, keepdims=True) + jnp.exp(sink - m))
+
+
+def grouped_probs(q_BxKxGxTxH: Array, k_BxKxSxH: Array, mask_BxTxS: Array | None,
+                  sink_KxG: Array | None = None) -> Array:
     """The softmax attention weights `grouped_attention` mixes the values with: probs_BxKxGxTxS (float32),
-    causal when mask is None, each row summing to 1."""
+    causal when mask is None, each row summing to 1 (less than 1 with sink logits: `softmax_with_sink`)."""
     h = q_BxKxGxTxH.shape[-1]
     t, s = q_BxKxGxTxH.shape[3], k_BxKxSxH.shape[2]
     scores = grouped_scores(q_BxKxGxTxH, k_BxKxSxH).astype(jnp.float32) / math.sqrt(h)
@@ -82,12 +94,13 @@ def grouped_probs(q_BxKxGxTxH: Array, k_BxKxSxH: Array, mask_BxTxS: Array | None
     else:
         mask = mask_BxTxS[:, None, None]
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1)
+    return softmax_with_sink(scores, sink_KxG)
 
 
 def grouped_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
-                      mask_BxTxS: Array | None) -> Array:
-    """Attention written out in the grouped, head-major layout: causal when mask is None.
+                      mask_BxTxS: Array | None, sink_KxG: Array | None = None) -> Array:
+    """Attention written out in the grouped, head-major layout: causal when mask is None; sink_KxG:
+    learned sink logits per query head (`softmax_with_sink`).
 
     Query head k*G + g reads key/value head k. The scores stay [B, K, G, T, S] from the first
     einsum to the second, so no layout change of the biggest tensor happens in between (on CPU
@@ -95,7 +108,7 @@ def grouped_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
     the backward computes dK and dV from transposed small operands (`kv_side_grad`). Returns
     out_BxKxGxTxH.
     """
-    probs = grouped_probs(q_BxKxGxTxH, k_BxKxSxH, mask_BxTxS).astype(v_BxKxSxH.dtype)
+    probs = grouped_probs(q_BxKxGxTxH, k_BxKxSxH, mask_BxTxS, sink_KxG).astype(v_BxKxSxH.dtype)
     return grouped_mix(probs, v_BxKxSxH)
 
 
@@ -110,20 +123,23 @@ def from_grouped(out_BxKxGxTxH: Array) -> Array:
     return out_BxKxGxTxH.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
 
 
-def einsum_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array | None) -> Array:
+def einsum_attention(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array | None,
+                     sink_N: Array | None = None) -> Array:
     """`grouped_attention` on the [B, T, N, H] / [B, S, K, H] layout the projections produce."""
     kv = k_BxSxKxH.shape[2]
+    sink_KxG = None if sink_N is None else sink_N.reshape(kv, -1)
     out = grouped_attention(to_grouped(q_BxTxNxH, kv), k_BxSxKxH.transpose(0, 2, 1, 3),
-                            v_BxSxKxH.transpose(0, 2, 1, 3), mask_BxTxS)
+                            v_BxSxKxH.transpose(0, 2, 1, 3), mask_BxTxS, sink_KxG)
     return from_grouped(out)
 
 
 def einsum_attention_with_probs(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
-                                mask_BxTxS: Array | None) -> tuple[Array, Array]:
+                                mask_BxTxS: Array | None, sink_N: Array | None = None) -> tuple[Array, Array]:
     """`einsum_attention`'s output and the weights it mixed the values with, probs_BxNxTxS (query
     head n = k*G + g): the same computation as `grouped_attention`, its probabilities kept."""
     kv = k_BxSxKxH.shape[2]
-    probs = grouped_probs(to_grouped(q_BxTxNxH, kv), k_BxSxKxH.transpose(0, 2, 1, 3), mask_BxTxS)
+    sink_KxG = None if sink_N is None else sink_N.reshape(kv, -1)
+    probs = grouped_probs(to_grouped(q_BxTxNxH, kv), k_BxSxKxH.transpose(0, 2, 1, 3), mask_BxTxS, sink_KxG)
     out = grouped_mix(probs.astype(v_BxSxKxH.dtype), v_BxSxKxH.transpose(0, 2, 1, 3))
     b, k, g, t, s = probs.shape
     return from_grouped(out), probs.reshape(b, k * g, t, s)

@@ -8,10 +8,12 @@ params are what they always were.
 Params are a plain pytree with readable paths, the same words the GGUF table uses:
 
     embed/embedding                      [V, D]
-    pos_embed/embedding                  [max_seq_len, D]          positions=learned only
+    pos_embed/embedding                  [max_seq_len + n, D]      positions=learned only (n = model.sink_tokens)
+    sink/embedding                       [n, D]                    model.sink_tokens = n > 0 only
     layers_{i}/attn_norm/{scale,bias}    [D]                       bias: norm=layer only
     layers_{i}/attn/w{q,k,v,o}/kernel    wq [D, H*Dh], wk/wv [D, KV*Dh], wo [H*Dh, D]
     layers_{i}/attn/w{q,k,v,o}/bias      gpt2 only
+    layers_{i}/attn/sink                 [H]                       model.sink_logits only
     layers_{i}/mlp_norm/{scale,bias}     [D]
     layers_{i}/mlp/w_gate/kernel         [D, F]                    mlp=swiglu only
     layers_{i}/mlp/w_up/{kernel,bias}    [D, F]
@@ -45,6 +47,12 @@ Two entry points, sharing params:
   -> (logits_BxTxV, cache): prefill and one-token-at-a-time decoding with a KV cache (`init_cache`).
 With `mutable=[ATTENTION_WEIGHTS]` the first one also returns each layer's attention weights
 (`layers_{i}/attn/probs`, [B, N, T, S]), sown from the einsum kernel that then computes the layer.
+
+Attention sinks (docs/streaming.md): `model.sink_logits` adds a learned logit per head to every softmax
+row (kernels.softmax_with_sink); `model.sink_tokens` = n prepends n learned vectors to every sequence
+(positions 0..n-1, real tokens at n..), whose logits are dropped. `init_cache(..., n_sink=k)` makes a
+streaming cache (StreamingLLM): keys stored un-rotated, the first k tokens kept and the rest rolled,
+RoPE applied at each step with positions within the cache, so decoding runs past max_seq_len.
 """
 from __future__ import annotations
 
@@ -149,7 +157,7 @@ def attention_impl(cfg: ModelConfig) -> str:
     on a GPU in float32, and the written-out grouped einsums elsewhere (fastest measured on CPU)."""
     if cfg.attention != "auto":
         return cfg.attention
-    if jax.default_backend() == "gpu":
+    if jax.default_backend() == "gpu" and not cfg.sink_logits:  # sink logits: einsum only
         return "cudnn" if cfg.compute_dtype in ("bfloat16", "float16") else "xla"
     return "einsum"
 
@@ -167,11 +175,12 @@ def segment_mask(segment_ids_BxT: Array) -> Array:
     return causal_TxT[None] & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
 
 
-def attention(q, k, v, impl: str, mask_BxTxS: Array | None = None) -> Array:
+def attention(q, k, v, impl: str, mask_BxTxS: Array | None = None, sink_N: Array | None = None) -> Array:
     """Causal attention; q [B,T,N,H], k/v [B,S,K,H], K divides N. mask_BxTxS (True = attend) replaces
-    the causal mask when given (packed rows: `segment_mask`)."""
+    the causal mask when given (packed rows: `segment_mask`); sink_N: per-head sink logits (einsum only,
+    config.validate_sinks)."""
     if impl == "einsum":
-        return einsum_attention(q, k, v, mask_BxTxS)
+        return einsum_attention(q, k, v, mask_BxTxS, sink_N)
     if mask_BxTxS is not None:
         if impl == "cudnn":
             _warn_cudnn_masked()
@@ -200,6 +209,19 @@ def make_dense(cfg: ModelConfig, features: int, name: str, std: float, use_bias:
                     kernel_init=_normal(std), dot_general=rowmajor_grad_dot_general if rowmajor else None, name=name)
 
 
+def write_cache(cache_BxKxSxH: Array, new_BxLxKxH: Array, where: Array, n_sinks: int) -> Array:
+    """The new keys or values in a head-major cache. where: the slot index of the block's first token
+    (a plain cache: the L = n_sinks + T rows go to slots 0..n_sinks-1 and n_sinks + where..), or
+    slots_BxL (a streaming cache: a scatter, out-of-range slots dropped)."""
+    new = new_BxLxKxH.astype(cache_BxKxSxH.dtype)
+    if where.ndim == 2:  # indexing [b, :, slot] takes the values as [B, L, K, H], the layout they have
+        return cache_BxKxSxH.at[jnp.arange(new.shape[0])[:, None], :, where].set(new, mode="drop")
+    new = new.transpose(0, 2, 1, 3)
+    if n_sinks:
+        cache_BxKxSxH = jax.lax.dynamic_update_slice(cache_BxKxSxH, new[:, :, :n_sinks], (0, 0, 0, 0))
+    return jax.lax.dynamic_update_slice(cache_BxKxSxH, new[:, :, n_sinks:], (0, 0, n_sinks + where, 0))
+
+
 # With this collection mutable (model.apply(..., mutable=[ATTENTION_WEIGHTS])) each layer's full forward
 # runs the einsum kernel and sows the softmax it mixes the values with: layers_{i}/attn/probs, ([B, N, T, S],).
 ATTENTION_WEIGHTS = "attention_weights"
@@ -215,8 +237,14 @@ class Attention(nn.Module):
         self.wk = make_dense(c, c.n_kv_heads * c.head_dim, "wk", 0.02)
         self.wv = make_dense(c, c.n_kv_heads * c.head_dim, "wv", 0.02)
         self.wo = make_dense(c, c.d_model, "wo", out_std)
+        if c.sink_logits:
+            self.sink = self.param("sink", nn.initializers.zeros, (c.n_heads,), dtype_of(c.param_dtype))
 
-    def __call__(self, x_BxTxD, positions_BxT, kv_cache=None, cache_index=None, mask_BxTxS=None):
+    def __call__(self, x_BxTxD, positions_BxT, kv_cache=None, cache_index=None, mask_BxTxS=None,
+                 key_positions_BxS=None):
+        """kv_cache: write the new keys/values where cache_index says (`write_cache`) and attend over
+        the whole cache under mask_BxTxS. key_positions_BxS (a streaming cache): keys are cached
+        un-rotated and rotated here by these positions, queries by positions_BxT."""
         c = self.cfg
         b, t, _ = x_BxTxD.shape
         q = self.wq(x_BxTxD).reshape(b, t, c.n_heads, c.head_dim)
@@ -224,22 +252,27 @@ class Attention(nn.Module):
         v = self.wv(x_BxTxD).reshape(b, t, c.n_kv_heads, c.head_dim)
         if c.positions == "rope":
             q = apply_rope(q, positions_BxT, c.rope_theta)
-            k = apply_rope(k, positions_BxT, c.rope_theta)
+            if key_positions_BxS is None:
+                k = apply_rope(k, positions_BxT, c.rope_theta)
+        sink_N = self.sink.astype(jnp.float32) if c.sink_logits else None
         new_cache = None
         if kv_cache is not None:
             # The cache is head-major [B, K, S, H]: the grouped einsums read it as it lies, where a
             # [B, S, K, H] cache would be transposed whole at every decode step.
-            k_new, v_new = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-            k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k_new.astype(kv_cache["k"].dtype), (0, 0, cache_index, 0))
-            v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v_new.astype(kv_cache["v"].dtype), (0, 0, cache_index, 0))
+            k_all = write_cache(kv_cache["k"], k, cache_index, c.sink_tokens)
+            v_all = write_cache(kv_cache["v"], v, cache_index, c.sink_tokens)
             new_cache = {"k": k_all, "v": v_all}
-            out = from_grouped(grouped_attention(to_grouped(q, c.n_kv_heads), k_all.astype(q.dtype),
-                                                 v_all.astype(q.dtype), mask_BxTxS))
+            k_att = k_all.astype(q.dtype)
+            if key_positions_BxS is not None:
+                k_att = apply_rope(k_att.transpose(0, 2, 1, 3), key_positions_BxS, c.rope_theta).transpose(0, 2, 1, 3)
+            sink_KxG = None if sink_N is None else sink_N.reshape(c.n_kv_heads, -1)
+            out = from_grouped(grouped_attention(to_grouped(q, c.n_kv_heads), k_att, v_all.astype(q.dtype),
+                                                 mask_BxTxS, sink_KxG))
         elif self.is_mutable_collection(ATTENTION_WEIGHTS):  # the einsum kernel, its softmax kept
-            out, probs_BxNxTxS = einsum_attention_with_probs(q, k, v, mask_BxTxS)
+            out, probs_BxNxTxS = einsum_attention_with_probs(q, k, v, mask_BxTxS, sink_N)
             self.sow(ATTENTION_WEIGHTS, "probs", probs_BxNxTxS)
         else:
-            out = attention(q, k, v, attention_impl(c), mask_BxTxS)
+            out = attention(q, k, v, attention_impl(c), mask_BxTxS, sink_N)
         return self.wo(out.reshape(b, t, c.n_heads * c.head_dim)), new_cache
 
 
@@ -309,10 +342,10 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(self.cfg.dropout)
 
     def __call__(self, x_BxTxD, positions_BxT, deterministic: bool = True,
-                 kv_cache=None, cache_index=None, mask_BxTxS=None):
+                 kv_cache=None, cache_index=None, mask_BxTxS=None, key_positions_BxS=None):
         dt = x_BxTxD.dtype
         h = self.attn_norm(x_BxTxD).astype(dt)
-        h, new_cache = self.attn(h, positions_BxT, kv_cache, cache_index, mask_BxTxS)
+        h, new_cache = self.attn(h, positions_BxT, kv_cache, cache_index, mask_BxTxS, key_positions_BxS)
         x_BxTxD = x_BxTxD + self.dropout(h, deterministic=deterministic)
         h = self.mlp(self.mlp_norm(x_BxTxD).astype(dt))
         x_BxTxD = x_BxTxD + self.dropout(h, deterministic=deterministic)
@@ -334,8 +367,11 @@ class Transformer(nn.Module):
         self.embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_normal(0.02),
                               dtype=cd, param_dtype=pd, name="embed")
         if c.positions == "learned":
-            self.pos_embed = nn.Embed(c.max_seq_len, c.d_model, embedding_init=_normal(0.02),
+            self.pos_embed = nn.Embed(c.max_seq_len + c.sink_tokens, c.d_model, embedding_init=_normal(0.02),
                                       dtype=cd, param_dtype=pd, name="pos_embed")
+        if c.sink_tokens:
+            self.sink = nn.Embed(c.sink_tokens, c.d_model, embedding_init=_normal(0.02),
+                                 dtype=cd, param_dtype=pd, name="sink")
         block = Block
         if c.remat != "none":
             # Argument 0 is the module itself, so `deterministic` (3rd positional) is argnum 3.
@@ -347,10 +383,18 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(c.dropout)
 
     def _embed(self, tokens_BxT, positions_BxT, deterministic):
+        """-> (x_BxLxD, positions_BxL), L = n + T: a sink-token model (n = model.sink_tokens) prepends its
+        n sinks at positions 0..n-1 and moves the tokens to positions + n (padding stays -1)."""
+        n = self.cfg.sink_tokens
         x = self.embed(tokens_BxT)
+        if n:
+            b = tokens_BxT.shape[0]
+            x = jnp.concatenate([jnp.broadcast_to(self.sink(jnp.arange(n)), (b, n, x.shape[-1])), x], axis=1)
+            positions_BxT = jnp.concatenate([jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)),
+                                             jnp.where(positions_BxT >= 0, positions_BxT + n, -1)], axis=1)
         if self.cfg.positions == "learned":
             x = x + self.pos_embed(jnp.maximum(positions_BxT, 0))
-        return self.dropout(x, deterministic=deterministic)
+        return self.dropout(x, deterministic=deterministic), positions_BxT
 
     def _head(self, x_BxTxD) -> Array:
         x = self.final_norm(x_BxTxD).astype(dtype_of(self.cfg.compute_dtype))
@@ -372,54 +416,93 @@ class Transformer(nn.Module):
             positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         else:
             positions_BxT = positions_BxT.astype(jnp.int32)
-        x = self._embed(tokens_BxT, positions_BxT, deterministic)
+        x, positions_BxL = self._embed(tokens_BxT, positions_BxT, deterministic)
+        n = self.cfg.sink_tokens
         if segment_ids_BxT is None:
             for layer in self.layers:
-                x, _ = layer(x, positions_BxT, deterministic)
+                x, _ = layer(x, positions_BxL, deterministic)
         else:
-            mask_BxTxT = segment_mask(segment_ids_BxT)
+            # Sinks: a segment of their own that every later token also sees.
+            segments_BxL = jnp.concatenate([jnp.full((b, n), -1, segment_ids_BxT.dtype), segment_ids_BxT], axis=1)
+            sink_cols_LxL = jnp.tril(jnp.ones((n + t, n + t), bool)) & (jnp.arange(n + t) < n)[None, :]
+            mask_BxLxL = segment_mask(segments_BxL) | sink_cols_LxL[None]
             for layer in self.layers:
-                x, _ = layer(x, positions_BxT, deterministic, None, None, mask_BxTxT)
-        return self._head(x)
+                x, _ = layer(x, positions_BxL, deterministic, None, None, mask_BxLxL)
+        return self._head(x[:, n:])
 
     def decode(self, tokens_BxT: Array, positions_BxT: Array, cache: PyTree):
         """Run T new tokens against a KV cache (prefill when T > 1, a decode step when T == 1).
 
         positions_BxT: each token's position in its own sequence, -1 for padding (left-padded
         prompts): padding never serves as a key. The tokens land in cache slots
-        [cache["index"], cache["index"] + T); a query sees the earlier slots holding real tokens.
-        Returns float32 logits_BxTxV and the updated cache. The caller sizes the cache: writing past
-        its last slot is not detected inside jit (sample.py checks lengths before it starts).
+        [cache["index"], cache["index"] + T) (after the model's sink tokens, which every call runs
+        again into slots 0..n-1: they see only each other, so their keys come out the same); a query
+        sees the earlier slots holding real tokens. Returns float32 logits_BxTxV and the updated cache.
+        The caller sizes the cache: writing past its last slot is not detected inside jit (sample.py
+        checks lengths before it starts).
+
+        A streaming cache (`init_cache(..., n_sink=k)`, llama) of S slots instead puts the token at
+        position p in slot p while p < S, then in keep + (p - keep) % (S - keep) (keep = n + k: the
+        first tokens stay, the rest roll); padding is not written. Its keys are rotated at each call
+        with positions within the cache: the first keep as they are, the others moved down by the
+        number of tokens evicted (max(0, p_last + 1 - S)), the queries likewise, so the newest token
+        sits at S - 1. A call may write at most the slots no earlier query of it still needs: any
+        number of tokens while p < S, one at a time after that (sample.py and eval.streaming do so).
         """
         b, t = tokens_BxT.shape
-        index = cache["index"]
-        pos_BxS = jax.lax.dynamic_update_slice(cache["pos"], positions_BxT.astype(jnp.int32), (0, index))
-        s = pos_BxS.shape[1]
+        n = self.cfg.sink_tokens
+        x, pos_BxL = self._embed(tokens_BxT, positions_BxT.astype(jnp.int32), True)
+        s = cache["pos"].shape[1]
         slot_S = jnp.arange(s)
-        query_slot_T = index + jnp.arange(t)
-        causal_TxS = slot_S[None, :] <= query_slot_T[:, None]
-        # A padded query sees its own slot, so no softmax row is empty.
-        mask_BxTxS = causal_TxS[None] & ((pos_BxS[:, None, :] >= 0) | (slot_S[None, None, :] == query_slot_T[None, :, None]))
-        rope_pos_BxT = jnp.maximum(positions_BxT, 0)
-        x = self._embed(tokens_BxT, rope_pos_BxT, True)
+        index = cache["index"]
+        key_pos_BxS = None
+        if "keep" in cache:  # streaming
+            keep = cache["keep"]
+            slots_BxL = jnp.where(pos_BxL < s, pos_BxL, keep + (pos_BxL - keep) % (s - keep))
+            slots_BxL = jnp.where(pos_BxL >= 0, slots_BxL, s)  # padding: dropped
+            pos_BxS = cache["pos"].at[jnp.arange(b)[:, None], slots_BxL].set(pos_BxL, mode="drop")
+            where = slots_BxL
+            # A padded query sees slot 0, so no softmax row is empty.
+            mask_BxLxS = ((pos_BxS[:, None, :] >= 0) & (pos_BxS[:, None, :] <= pos_BxL[:, :, None])) | \
+                         ((pos_BxL[:, :, None] < 0) & (slot_S == 0)[None, None, :])
+            shift_Bx1 = jnp.maximum(0, pos_BxL.max(axis=1, keepdims=True) + 1 - s)
+            key_pos_BxS = jnp.where(pos_BxS < keep, pos_BxS, pos_BxS - shift_Bx1).clip(0)
+            rope_pos_BxL = jnp.where(pos_BxL < keep, pos_BxL, pos_BxL - shift_Bx1).clip(0)
+        else:
+            slots_L = jnp.concatenate([jnp.arange(n), n + index + jnp.arange(t)])
+            pos_BxS = write_cache(cache["pos"][:, None, :, None], pos_BxL[:, :, None, None], index, n)[:, 0, :, 0]
+            where = index
+            causal_LxS = slot_S[None, :] <= slots_L[:, None]
+            # A padded query sees its own slot, so no softmax row is empty.
+            mask_BxLxS = causal_LxS[None] & ((pos_BxS[:, None, :] >= 0) | (slot_S[None, None, :] == slots_L[None, :, None]))
+            rope_pos_BxL = jnp.maximum(pos_BxL, 0)
         new_layers = []
         for layer, kv in zip(self.layers, cache["layers"]):
-            x, new_kv = layer(x, rope_pos_BxT, True, kv, index, mask_BxTxS)
+            x, new_kv = layer(x, rope_pos_BxL, True, kv, where, mask_BxLxS, key_pos_BxS)
             new_layers.append(new_kv)
-        new_cache = {"layers": new_layers, "pos": pos_BxS, "index": index + t}
-        return self._head(x), new_cache
+        new_cache = {**cache, "layers": new_layers, "pos": pos_BxS, "index": index + t}
+        return self._head(x[:, n:]), new_cache
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None) -> PyTree:
-    """An empty KV cache: per layer k/v [B, KV, S, Dh] (head-major), slot positions [B, S] (-1 = empty)."""
-    s = max_len or cfg.max_seq_len
+def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None,
+               n_sink: int | None = None) -> PyTree:
+    """An empty KV cache: per layer k/v [B, KV, S, Dh] (head-major), slot positions [B, S] (-1 = empty),
+    S = model.sink_tokens + max_len tokens. n_sink given: a streaming cache (`Transformer.decode`) that
+    keeps the sink tokens and the first n_sink tokens and rolls the others (max_len is its window)."""
+    s = cfg.sink_tokens + (max_len or cfg.max_seq_len)
     dtype = dtype or dtype_of(cfg.compute_dtype)
     shape = (batch, cfg.n_kv_heads, s, cfg.head_dim)
     layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
-    return {"layers": layers, "pos": jnp.full((batch, s), -1, jnp.int32), "index": jnp.array(0, jnp.int32)}
+    cache = {"layers": layers, "pos": jnp.full((batch, s), -1, jnp.int32), "index": jnp.array(0, jnp.int32)}
+    if n_sink is not None:
+        if cfg.arch != "llama" or not 0 <= n_sink < max_len:
+            raise ValueError(f"a streaming cache needs arch llama and 0 <= n_sink < max_len, got {cfg.arch}, "
+                             f"n_sink={n_sink}, max_len={max_len}")
+        cache["keep"] = jnp.array(cfg.sink_tokens + n_sink, jnp.int32)
+    return cache
 
 
 def init_params(cfg: ModelConfig, key: Array) -> PyTree:

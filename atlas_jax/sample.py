@@ -28,6 +28,11 @@ Ties, by value, so a kept set never depends on the order a sort leaves equal log
 
 An empty prompt is an error here (the caller decides whether a prompt starts with BOS), and so is
 a prompt that with max_new_tokens would run past model.max_seq_len.
+
+Streaming (sample.window > 0, StreamingLLM): the cache holds `window` tokens (plus the model's sink
+tokens) whatever max_new_tokens is: the first sample.n_sink tokens of each row and a rolling window
+of its latest ones, positions assigned within the cache (`model.init_cache(..., n_sink=)`), so
+generation runs past model.max_seq_len. The prompt must fit in the window.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from atlas_jax.config import ModelConfig, SampleConfig
+from atlas_jax.config import ModelConfig, SampleConfig, validate_sample_window
 from atlas_jax.errors import AtlasError, ConfigError
 from atlas_jax.model import Transformer, init_cache
 
@@ -181,6 +186,7 @@ class _Plan(NamedTuple):
     cache_len: int
     eos_id: int  # -1: no EOS stop
     pad_id: int
+    n_sink: int = -1  # streaming (sample.window > 0): the first tokens kept; -1: a plain cache
 
 
 class _Prepared(NamedTuple):
@@ -200,7 +206,15 @@ def _prepare(prompt_tokens, key, sample_cfg: SampleConfig, model_cfg: ModelConfi
         raise AtlasError("no prompts to generate from")
     lengths = [len(p) for p in prompts]
     n_new = sample_cfg.max_new_tokens
-    check_prompt_lengths(lengths, n_new, model_cfg.max_seq_len)
+    validate_sample_window(sample_cfg, model_cfg)
+    window = sample_cfg.window
+    if window:
+        if max(lengths) > window:
+            raise AtlasError(f"prompt of {max(lengths)} token(s) is longer than sample.window={window} (--window); "
+                             f"shorten it or raise sample.window (at most model.max_seq_len={model_cfg.max_seq_len})")
+        check_prompt_lengths(lengths, 0, window)  # empty prompts
+    else:
+        check_prompt_lengths(lengths, n_new, model_cfg.max_seq_len)
     for i, p in enumerate(prompts):
         bad = p[(p < 0) | (p >= model_cfg.vocab_size)]
         if bad.size:
@@ -216,7 +230,8 @@ def _prepare(prompt_tokens, key, sample_cfg: SampleConfig, model_cfg: ModelConfi
     pad = int(pad_id) if pad_id is not None and pad_id >= 0 else max(eos, 0)  # -1: no pad token (GPT-2)
     greedy = sample_cfg.temperature == 0  # the filters cannot change an argmax: one compile for all
     plan = _Plan(float(sample_cfg.temperature), 0 if greedy else int(sample_cfg.top_k),
-                 1.0 if greedy else float(sample_cfg.top_p), cache_length(bucket, n_new), eos, pad)
+                 1.0 if greedy else float(sample_cfg.top_p), window or cache_length(bucket, n_new), eos, pad,
+                 sample_cfg.n_sink if window else -1)
     typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     if key.shape not in ([(), (len(prompts),)] if typed else [(2,), (len(prompts), 2)]):
         raise AtlasError(f"expected one PRNG key or {len(prompts)} keys (one per prompt), got key shape {key.shape}")
@@ -245,7 +260,7 @@ class _Carry(NamedTuple):
 def _prefill(params, tokens_BxP, positions_BxP, key, model: _Frozen, plan: _Plan) -> tuple[_Carry, Array]:
     """Run the padded prompts into a fresh cache -> (carry, logits_BxV of each row's next token)."""
     b = tokens_BxP.shape[0]
-    cache = init_cache(model.cfg, b, plan.cache_len)
+    cache = init_cache(model.cfg, b, plan.cache_len, n_sink=None if plan.n_sink < 0 else plan.n_sink)
     logits_BxPxV, cache = Transformer(model.cfg).apply({"params": params}, tokens_BxP, positions_BxP, cache,
                                                        method=Transformer.decode)
     # Left padding puts every row's last prompt token in the last column.

@@ -8,6 +8,8 @@ The two layouts differ by a renaming and a transpose, nothing else:
     layers_3/attn/wq/bias    [out]        layers.3.attn.wq.bias
     layers_3/attn_norm/scale [D]          layers.3.attn_norm.weight
     layers_3/moe/w_gate      [E, D, F]    layers.3.moe.w_gate     [E, D, F]   (stacked experts: as they are)
+    layers_3/attn/sink       [H]          layers.3.attn.sink      [H]         (sink logits: as they are)
+    sink/embedding           [n, D]       sink.weight             [n, D]      (sink tokens)
 
 `load_params` fills a module from a jax pytree (strict: every tensor on both sides is used once);
 `grads_to_tree` / `params_to_tree` give torch grads / weights back in the jax layout, so they can be
@@ -24,7 +26,8 @@ from torch import nn
 
 # jax leaf name -> torch tensor name; "kernel" is also transposed.
 LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
-EXPERT_LEAVES = ("w_gate", "w_up", "w_down")  # a MoE layer's stacked expert weights: same name and layout
+# Leaves with the same name and layout on both sides: a MoE layer's stacked expert weights, a head's sink logits.
+AS_IS_LEAVES = ("w_gate", "w_up", "w_down", "sink")
 
 Path = tuple[str, ...]
 
@@ -53,7 +56,7 @@ def unflatten(flat: Mapping[Path, Any]) -> dict:
 def torch_name(path: Path) -> str:
     """("layers_3", "attn", "wq", "kernel") -> "layers.3.attn.wq.weight"."""
     *modules, leaf = path
-    if leaf in EXPERT_LEAVES:
+    if leaf in AS_IS_LEAVES:
         modules = [re.sub(r"^layers_(\d+)$", r"layers.\1", m) for m in modules]
         return ".".join(modules + [leaf])
     if leaf not in LEAF_TO_TORCH:
@@ -66,7 +69,7 @@ def jax_path(module: nn.Module, name: str) -> Path:
     """"layers.3.attn.wq.weight" -> ("layers_3", "attn", "wq", "kernel"), from the owning module's type."""
     owner_name, _, tensor = name.rpartition(".")
     owner = module.get_submodule(owner_name)
-    if tensor in EXPERT_LEAVES and not isinstance(owner, nn.Linear):
+    if tensor in AS_IS_LEAVES and not isinstance(owner, nn.Linear):
         leaf = tensor
     elif tensor == "bias":
         leaf = "bias"

@@ -14,6 +14,12 @@ running its SwiGLU on the tokens that picked it and adding the weighted result i
 auxiliary losses (Switch load balancing, 1.0 when balanced; ST-MoE router z-loss) are averaged
 over the MoE layers and added to `loss` with their coefficients.
 
+Attention sinks: `sink_logits` gives each head a learned logit `attn.sink` [H], appended to every
+row of scores as one more column before the softmax and dropped after it (gpt-oss); `sink_tokens` = n
+learned vectors `sink.weight` [n, D] are concatenated in front of the token embeddings (positions
+0..n-1, the tokens at n..; gpt2's position table has max_seq_len + n rows) and their outputs cut off
+before the head.
+
 Module names follow the Flax param paths (`layers.3.attn.wq` <-> `layers_3/attn/wq`), so the
 loader in `atlas_torch_ref.load` is a renaming plus a transpose of the Linear weights.
 """
@@ -53,6 +59,8 @@ class RefConfig:
     positions: str | None = None  # rope | learned | none
     norm: str | None = None  # rms | layer
     mlp: str | None = None  # swiglu | gelu
+    sink_logits: bool = False  # a learned logit per head in every softmax row (gpt-oss)
+    sink_tokens: int = 0  # n learned vectors prepended to every sequence
 
     def __post_init__(self):
         family = {"llama": ("rope", "rms", "swiglu"), "gpt2": ("learned", "layer", "gelu")}.get(self.arch)
@@ -122,9 +130,12 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, cfg.n_kv_heads * dh, bias=bias)
         self.wv = nn.Linear(cfg.d_model, cfg.n_kv_heads * dh, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * dh, cfg.d_model, bias=bias)
+        if cfg.sink_logits:
+            self.sink = nn.Parameter(torch.zeros(cfg.n_heads))
 
     def forward(self, x_BxTxD: torch.Tensor, positions_BxT: torch.Tensor | None = None,
-                segment_ids_BxT: torch.Tensor | None = None) -> torch.Tensor:
+                segment_ids_BxT: torch.Tensor | None = None, n_sinks: int = 0) -> torch.Tensor:
+        """n_sinks: the first n_sinks rows are sink tokens, which every later token sees (packed rows too)."""
         c = self.cfg
         b, t, _ = x_BxTxD.shape
         dh = c.head_dim
@@ -145,9 +156,14 @@ class Attention(nn.Module):
             for i in range(t):
                 for j in range(i + 1):
                     same_BxTxT[:, i, j] = segment_ids_BxT[:, i] == segment_ids_BxT[:, j]
+            same_BxTxT[:, :, :n_sinks] = True
             allowed_BxTxT = allowed_BxTxT & same_BxTxT
         scores_BxHxTxT = scores_BxHxTxT.masked_fill(~allowed_BxTxT[:, None], float("-inf"))
-        probs = torch.softmax(scores_BxHxTxT, dim=-1)
+        if c.sink_logits:  # one more column per row, the head's sink logit, dropped after the softmax
+            sink_BxHxTx1 = self.sink.view(1, -1, 1, 1).expand(b, -1, t, 1)
+            probs = torch.softmax(torch.cat([scores_BxHxTxT, sink_BxHxTx1], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores_BxHxTxT, dim=-1)
         out = (probs @ v).transpose(1, 2).reshape(b, t, c.n_heads * dh)
         return self.wo(out)
 
@@ -219,8 +235,8 @@ class Block(nn.Module):
             self.mlp = MLP(cfg)
 
     def forward(self, x_BxTxD: torch.Tensor, positions_BxT: torch.Tensor | None = None,
-                segment_ids_BxT: torch.Tensor | None = None) -> torch.Tensor:
-        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT)
+                segment_ids_BxT: torch.Tensor | None = None, n_sinks: int = 0) -> torch.Tensor:
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), positions_BxT, segment_ids_BxT, n_sinks)
         ffn = self.moe if hasattr(self, "moe") else self.mlp
         return x_BxTxD + ffn(self.mlp_norm(x_BxTxD))
 
@@ -237,7 +253,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.positions == "learned":
-            self.pos_embed = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            self.pos_embed = nn.Embedding(cfg.max_seq_len + cfg.sink_tokens, cfg.d_model)
+        if cfg.sink_tokens:
+            self.sink = nn.Embedding(cfg.sink_tokens, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, cfg.is_moe_layer(i)) for i in range(cfg.n_layers))
         self.final_norm = make_norm(cfg)
         if not cfg.tie_embeddings:
@@ -247,15 +265,23 @@ class Transformer(nn.Module):
                 segment_ids_BxT: torch.Tensor | None = None) -> torch.Tensor:
         """Causal forward -> logits_BxTxV. Packed rows: positions_BxT (restarting at 0 in each segment)
         replace 0..T-1, and segment_ids_BxT keep attention inside each segment."""
-        t = tokens_BxT.shape[1]
+        b, t = tokens_BxT.shape
         if t > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {t} > max_seq_len {self.cfg.max_seq_len}")
+        n = self.cfg.sink_tokens
         x = self.embed(tokens_BxT)
+        if positions_BxT is None:
+            positions_BxT = torch.arange(t).expand(b, t)
+        if n:
+            x = torch.cat([self.sink.weight.expand(b, n, -1), x], dim=1)
+            positions_BxT = torch.cat([torch.arange(n).expand(b, n), positions_BxT.long() + n], dim=1)
+            if segment_ids_BxT is not None:
+                segment_ids_BxT = torch.cat([torch.full((b, n), -1, dtype=segment_ids_BxT.dtype), segment_ids_BxT], 1)
         if self.cfg.positions == "learned":
-            x = x + self.pos_embed(torch.arange(t) if positions_BxT is None else positions_BxT.long())
+            x = x + self.pos_embed(positions_BxT.long())
         for layer in self.layers:
-            x = layer(x, positions_BxT, segment_ids_BxT)
-        x = self.final_norm(x)
+            x = layer(x, positions_BxT, segment_ids_BxT, n)
+        x = self.final_norm(x[:, n:])
         return x @ self.embed.weight.T if self.cfg.tie_embeddings else self.lm_head(x)
 
     def loss(self, tokens_BxT: torch.Tensor, targets_BxT: torch.Tensor, positions_BxT: torch.Tensor | None = None,

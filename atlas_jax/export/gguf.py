@@ -427,6 +427,13 @@ def check_exportable(cfg: ModelConfig) -> None:
     off = off_family(cfg, "GGUF export")
     if off:
         raise ExportError(off)
+    if cfg.sink_logits or cfg.sink_tokens:
+        given = " and ".join(x for x in ("model.sink_logits=true" if cfg.sink_logits else "",
+                                         f"model.sink_tokens={cfg.sink_tokens}" if cfg.sink_tokens else "") if x)
+        raise ExportError(
+            f"{given}: llama.cpp's llama architecture has no learned attention sinks (no per-head sink logits, no "
+            f"vectors before the first token); export a model trained with model.sink_logits=false and "
+            f"model.sink_tokens=0, and stream with sinks at generation time (llama.cpp --keep N, Atlas sample.n_sink)")
     if cfg.moe_experts and not all(cfg.is_moe_layer(i) for i in range(cfg.n_layers)):
         dense = [i for i in range(cfg.n_layers) if not cfg.is_moe_layer(i)]
         raise ExportError(

@@ -143,6 +143,11 @@ def hf_config(m: ModelConfig, bos_id: int | None, eos_id: int | None, pad_id: in
     off = off_family(m, "Hugging Face export")
     if off:
         raise HFError(off)
+    if m.sink_logits or m.sink_tokens:
+        given = " and ".join(x for x in ("model.sink_logits=true" if m.sink_logits else "",
+                                         f"model.sink_tokens={m.sink_tokens}" if m.sink_tokens else "") if x)
+        raise HFError(f"{given}: transformers' {'GPT2' if m.arch == 'gpt2' else 'Llama'}ForCausalLM has no learned "
+                      f"attention sinks; export a model trained with model.sink_logits=false and model.sink_tokens=0")
     ids = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id))
            if v is not None and v >= 0}
     if m.arch == "gpt2":

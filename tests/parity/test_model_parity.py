@@ -157,7 +157,8 @@ def parity_params(cfg: ModelConfig, seed: int = 0) -> dict:
             return rng.uniform(0.5, 1.5, shape)
         if leaf in ("w_gate", "w_up", "w_down"):  # stacked MoE experts [E, in, out]
             return rng.normal(0.0, 1 / math.sqrt(shape[1]), shape)
-        std = {"kernel": 1 / math.sqrt(shape[0]), "embedding": 2 / math.sqrt(cfg.d_model), "bias": 0.2}[leaf]
+        std = {"kernel": 1 / math.sqrt(shape[0]), "embedding": 2 / math.sqrt(cfg.d_model), "bias": 0.2,
+               "sink": 1.0}[leaf]  # sink: per-head sink logits, O(1) like the scores they join
         return rng.normal(0.0, std, shape)
 
     return unflatten({p: draw(p, s.shape).astype(np.float32) for p, s in shapes.items()})

@@ -177,6 +177,19 @@ BAD_OVERRIDES = {  # id: (overrides, words the one-line message must contain)
     "moe-every-zero": (["model.moe_experts=4", "model.moe_every=0"], ["model.moe_every", "positive"]),
     "moe-negative-aux": (["model.moe_aux_loss_coef=-0.1"], ["model.moe_aux_loss_coef", ">= 0"]),
     "moe-bad-impl": (["model.moe_impl=sparse"], ["model.moe_impl", "grouped, ragged, dense"]),
+    "sink-logits-with-xla": (["model.sink_logits=true", "model.attention=xla"],
+                             ["model.sink_logits with model.attention=xla", "model.attention=einsum"]),
+    "sink-logits-with-cudnn": (["model.sink_logits=true", "model.attention=cudnn", "model.compute_dtype=bfloat16"],
+                               ["model.attention=cudnn", "no sink column", "model.attention=einsum"]),
+    "negative-sink-tokens": (["model.sink_tokens=-1"], ["model.sink_tokens", ">= 0"]),
+    "n_sink-fills-the-window": (["sample.window=8", "sample.n_sink=8"],
+                                ["sample.n_sink=8 leaves no rolling window in sample.window=8", "n_sink < window"]),
+    "window-over-max_seq_len": (["sample.window=65"], ["sample.window=65", "model.max_seq_len=64", "window<=64"]),
+    "window-on-gpt2": (["model.arch=gpt2", "sample.window=32"], ["sample.window with model.positions=learned",
+                                                                  "RoPE", "sample.window=0"]),
+    "window-without-rope": (["model.positions=none", "sample.window=32"], ["sample.window with model.positions=none",
+                                                                          "model.positions=rope"]),
+    "negative-n_sink": (["sample.window=8", "sample.n_sink=-1"], ["sample.n_sink", ">= 0"]),
 }
 
 

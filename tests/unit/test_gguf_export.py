@@ -348,3 +348,18 @@ def test_options_off_the_family_preset_are_refused_naming_the_nearest(shakespear
     msg = str(e.value)
     assert "\n" not in msg and all(w in msg for w in words), msg
     assert "GGUF export" in msg and not out.exists()
+
+
+@pytest.mark.parametrize("sinks, given", [(dict(sink_logits=True), "model.sink_logits=true: "),
+                                          (dict(sink_tokens=2), "model.sink_tokens=2: "),
+                                          (dict(sink_logits=True, sink_tokens=1),
+                                           "model.sink_logits=true and model.sink_tokens=1: ")])
+def test_attention_sinks_are_refused_in_one_line_naming_what_works(sinks, given, shakespeare_tokenizer, tmp_path):
+    cfg = resolve_model(ModelConfig(vocab_size=shakespeare_tokenizer.vocab_size, d_model=64, n_layers=1, n_heads=4,
+                                    max_seq_len=16, **sinks))
+    with pytest.raises(ExportError) as info:
+        export_gguf(init_params(cfg, jax.random.key(0)), cfg, shakespeare_tokenizer.path, tmp_path / "m.gguf")
+    message = str(info.value)
+    assert message.startswith(given) and "\n" not in message, message
+    assert "model.sink_logits=false and model.sink_tokens=0" in message and "--keep" in message
+    assert not (tmp_path / "m.gguf").exists()

@@ -366,3 +366,13 @@ def test_an_atlas_run_exports_to_transformers(arch, tmp_path):
         assert hf_tok(text)["input_ids"] == tok.encode(text), text
         assert hf_tok.decode(hf_tok(text)["input_ids"]) == text
     assert len(tok.encode("ROMEO:")) == len(hf_tok("ROMEO:")["input_ids"])
+
+
+def test_export_refuses_attention_sinks_in_one_line():
+    from atlas_jax.config import ModelConfig, resolve_model
+    from atlas_jax.hf.convert import HFError, hf_config
+
+    for sinks, given in [(dict(sink_logits=True), "model.sink_logits=true"), (dict(sink_tokens=1), "model.sink_tokens=1")]:
+        with pytest.raises(HFError, match=f"^{given}: transformers' LlamaForCausalLM has no learned attention sinks; "
+                                          f"export a model trained with model.sink_logits=false and model.sink_tokens=0$"):
+            hf_config(resolve_model(ModelConfig(**sinks)), 1, 2)

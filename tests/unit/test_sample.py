@@ -153,6 +153,43 @@ def test_errors_name_the_lengths_and_the_fix(params):
             sample.generate(params, [[1]], jax.random.key(0), dataclasses.replace(SAMPLING, **bad), CFG)
 
 
+def test_streaming_runs_10x_max_seq_len_with_a_fixed_cache():
+    """sample.window: 10 x max_seq_len new tokens from a cache of window slots; until the cache fills
+    the tokens are those of plain generation, and `stream` draws what `generate` does."""
+    model = dataclasses.replace(CFG, max_seq_len=16)
+    params, prompts = random_params(model), PROMPTS[:2]
+    window, n = 12, 10 * model.max_seq_len
+    cfg = dataclasses.replace(SAMPLING, window=window, n_sink=2, max_new_tokens=n)
+    key = jax.random.key(3)
+    tokens, lengths = (np.asarray(a) for a in sample.generate(params, prompts, key, cfg, model))
+    assert tokens.shape == (2, n) and list(lengths) == [n, n]
+    first = window - len(prompts[1])  # row 1 fills its cache first: its prompt is longer
+    plain, _ = sample.generate(params, prompts, key, dataclasses.replace(SAMPLING, max_new_tokens=first), model)
+    assert np.array_equal(tokens[:, :first], plain), "streaming changed tokens before the cache filled"
+    streamed = np.stack([t for t, _ in sample.stream(params, prompts, key, cfg, model)], axis=1)
+    assert np.array_equal(streamed, tokens)
+    p = sample._prepare(prompts, key, cfg, model, None, None)
+    carry, logits = sample._prefill_jit(params, p.tokens_BxP, p.positions_BxP, p.key, p.model, p.plan)
+    shapes = jax.tree.map(np.shape, carry.cache)
+    assert shapes["pos"] == (2, window)
+    for step in range(2 * window):
+        carry, logits, _, _ = sample._step_jit(params, carry, logits, np.int32(step), p.model, p.plan)
+    assert jax.tree.map(np.shape, carry.cache) == shapes
+
+
+def test_streaming_errors_are_one_line_with_the_fix(params):
+    for bad, message in [(dict(window=4, n_sink=4), r"sample.n_sink=4 leaves no rolling window in sample.window=4"),
+                         (dict(window=65), r"sample.window=65 is longer than model.max_seq_len=64"),
+                         (dict(window=-1), r"sample.window must be >= 0")]:
+        with pytest.raises(ConfigError, match=message):
+            sample.generate(params, [[1]], jax.random.key(0), dataclasses.replace(SAMPLING, **bad), CFG)
+    with pytest.raises(AtlasError, match=r"prompt of 20 token\(s\) is longer than sample.window=16"):
+        sample.generate(params, [PROMPTS[2]], jax.random.key(0), dataclasses.replace(SAMPLING, window=16), CFG)
+    gpt2 = resolve_model(ModelConfig(arch="gpt2", vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64))
+    with pytest.raises(ConfigError, match="sample.window with model.arch=gpt2: learned positions"):
+        sample.generate(None, [[1]], jax.random.key(0), dataclasses.replace(SAMPLING, window=16), gpt2)
+
+
 # --------------------------------------------------------------------------- filters
 
 # Many rows of small integer logits: plenty of exact ties, at the cut-off too.
@@ -265,6 +302,7 @@ def test_cli_interactive_reads_a_prompt_per_line_until_eof(tiny_run, monkeypatch
     ([], "", "stdin: the prompt is empty"),
     (["--prompt", "x", "--top-p", "1.5"], None, "sample.top_p must be in (0, 1]"),
     (["--prompt", "x", "--max-new-tokens", "64"], None, "exceeds the model's max_seq_len=64"),
+    (["--prompt", "x", "--window", "8", "--n-sink", "8"], None, "sample.n_sink=8 leaves no rolling window"),
 ])
 def test_cli_user_errors_are_one_line_and_exit_2(tiny_run, args, stdin, message, monkeypatch, capsys):
     code, out, err = _cli_in_process(["--checkpoint", str(tiny_run), *args], monkeypatch, capsys, stdin or "")
