@@ -86,6 +86,7 @@ def test_explicit_d_ff_is_kept(tmp_path):
     ("data.tokenizer=123", "data", "tokenizer", "123"),  # a string field keeps what was typed
     ("train.run_dir=runs/x=1", "train", "run_dir", "runs/x=1"),  # only the first '=' splits
     ("train.mesh=[2, 1]", "train", "mesh", [2, 1]),
+    ("train.mesh=[2, 4, 1]", "train", "mesh", [2, 4, 1]),  # [data, fsdp, expert]
     ("data.sources=[a.txt, b.jsonl]", "data", "sources", ["a.txt", "b.jsonl"]),
     ("data.sources=a.txt", "data", "sources", ["a.txt"]),  # one string for a list of strings
 ])
@@ -156,6 +157,12 @@ BAD_OVERRIDES = {  # id: (overrides, words the one-line message must contain)
     "moe-every-zero": (["model.moe_experts=4", "model.moe_every=0"], ["model.moe_every", "positive"]),
     "moe-negative-aux": (["model.moe_aux_loss_coef=-0.1"], ["model.moe_aux_loss_coef", ">= 0"]),
     "moe-bad-impl": (["model.moe_impl=sparse"], ["model.moe_impl", "grouped, ragged, dense"]),
+    "expert-axis-not-dividing-experts": (["model.moe_experts=6", "train.mesh=[1, 1, 4]"],
+                                         ["train.mesh expert axis 4", "does not divide model.moe_experts=6",
+                                          "divides 6"]),
+    "expert-axis-on-a-dense-model": (["train.mesh=[1, 1, 2]"], ["train.mesh expert axis 2", "model.moe_experts=0",
+                                                                 "2-entry train.mesh"]),
+    "mesh-four-entries": (["train.mesh=[1, 1, 1, 1]"], ["train.mesh=[1, 1, 1, 1]", "[data, fsdp, expert]"]),
 }
 
 

@@ -162,21 +162,36 @@ def test_one_signalled_process_stops_both_at_the_same_step_and_resumes_exactly(
         assert abs(got[s] - want[s]) <= 1e-5, f"step {s}: 2 processes (resumed) {got[s]} vs 1 process {want[s]}"
 
 
-def test_moe_data_parallel_and_fsdp_match_one_device(shakespeare_data_dir):
-    # A mixture-of-experts llama (4 experts, 2 per token, the default moe_impl): the sort by expert and
-    # the load-balancing loss run over the whole microbatch whichever devices hold its rows. No expert
-    # mesh axis yet: with fsdp the stacked expert weights are split like any other array.
-    # 1 device and 2x4 (data parallel and FSDP at once) only: each mesh compiles its own step.
-    script = MESH_SCRIPT.replace("max_seq_len=32)", "max_seq_len=32, moe_experts=4, moe_experts_per_token=2)").replace(
-        '("8x1", (8, 1), None),\n                             ("1x8", (1, 8), None), ', "")
-    assert "moe_experts" in script and '"8x1"' not in script, "MESH_SCRIPT changed: update this test's edits"
+def test_moe_data_fsdp_and_expert_parallel_match_one_device(shakespeare_data_dir):
+    # A mixture-of-experts llama (8 experts, 2 per token, the default moe_impl): the sort by expert and
+    # the load-balancing loss run over the whole microbatch whichever devices hold its rows. 2x4: FSDP
+    # splits the stacked expert weights like any other array; [d, f, e]: the expert axis holds 8/e
+    # experts per device (with fsdp splitting another dimension at 2x2x2). Each mesh compiles its own step.
+    script = MESH_SCRIPT.replace("max_seq_len=32)", "max_seq_len=32, moe_experts=8, moe_experts_per_token=2)").replace(
+        '("8x1", (8, 1), None),\n                             ("1x8", (1, 8), None), ',
+        '("1x1x8", (1, 1, 8), None), ("2x1x4", (2, 1, 4), None), ("2x2x2", (2, 2, 2), None), ').replace(
+        'out[name] = {"losses": losses,',
+        'w = state["params"]["layers_0"]["moe"]["w_up"]\n'
+        '    mu = [x for p, x in jax.tree_util.tree_leaves_with_path(state["opt_state"])\n'
+        '          if ".mu" in jax.tree_util.keystr(p) and jax.tree_util.keystr(p).endswith("[\'layers_0\'][\'moe\'][\'w_up\']")][0]\n'
+        '    out[name] = {"losses": losses, "w_up_spec": str(w.sharding.spec),\n'
+        '                 "w_up_shard": list(w.addressable_shards[0].data.shape),\n'
+        '                 "w_up_mu_shard": list(mu.addressable_shards[0].data.shape),')
+    assert "moe_experts" in script and '"1x1x8"' in script and "w_up_mu_shard" in script, \
+        "MESH_SCRIPT changed: update this test's edits"
     proc = subprocess.run([sys.executable, "-c", script, str(shakespeare_data_dir)],
                           env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
                           capture_output=True, text=True, timeout=600, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1][len("RESULT "):])
     ref = np.array(out["1x1"]["losses"])
-    for name in ("2x4",):
+    for name in ("2x4", "1x1x8", "2x1x4", "2x2x2"):
         got = np.array(out[name]["losses"])
         worst = np.max(np.abs(got - ref))
         assert worst <= 1e-5, f"MoE mesh {name}: losses {got} vs 1 device {ref}, max |diff| {worst:.2e}"
+    # The expert axis really places experts: w_up [8, 64, d_ff] and its Adam moment hold 8/e experts per device.
+    d_ff = out["1x1"]["w_up_shard"][2]
+    for name, shard in [("1x1", [8, 64, d_ff]), ("1x1x8", [1, 64, d_ff]), ("2x1x4", [2, 64, d_ff]),
+                        ("2x2x2", [4, 64, d_ff // 2])]:
+        assert out[name]["w_up_shard"] == out[name]["w_up_mu_shard"] == shard, (name, out[name])
+    assert out["1x1x8"]["w_up_spec"] == "P('expert', None, None)", out["1x1x8"]
