@@ -167,7 +167,8 @@ def test_moe_measures_dense_and_every_moe_impl_with_their_param_counts(tmp_path)
 
 def test_moe_on_a_dense_model_is_one_line(tmp_path):
     proc = subprocess.run([sys.executable, "scripts/bench.py", "moe", "--quick", "model.moe_experts=0",
-                           "--out", str(tmp_path / "bench.json")], cwd=REPO, capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path / "bench.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model.moe_experts" in lines[0], proc.stderr

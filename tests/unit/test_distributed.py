@@ -1,4 +1,5 @@
-"""Data parallel, FSDP and multi-process runs give the losses of a 1-device run with the same batch.
+"""Data parallel, FSDP, expert parallel and multi-process runs give the losses of a 1-device run
+with the same batch.
 
 Each runs in a subprocess: forced host devices (XLA_FLAGS) must be set before jax starts, and the
 2-process run needs two jax runtimes joined through jax.distributed on 127.0.0.1.
@@ -12,8 +13,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, PartitionSpec as P
 
+from atlas_jax.config import Config, DataConfig, ModelConfig, resolve
+from atlas_jax.errors import ConfigError
+from atlas_jax.model import init_params
+from atlas_jax.sharding import make_mesh, state_shardings
 from tests.runs import step_losses
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,3 +203,20 @@ def test_moe_data_fsdp_and_expert_parallel_match_one_device(shakespeare_data_dir
                         ("2x2x2", [4, 64, d_ff // 2])]:
         assert out[name]["w_up_shard"] == out[name]["w_up_mu_shard"] == shard, (name, out[name])
     assert out["1x1x8"]["w_up_spec"] == "P('expert', None, None)", out["1x1x8"]
+
+
+def test_expert_axis_splits_expert_tensors_and_refuses_one_that_does_not_divide():
+    # Shardings on an abstract (data, fsdp, expert) mesh: no devices needed. A -1 expert axis is resolved
+    # from the device count, so the check that config.validate makes on a given size is made here again.
+    cfg = resolve(Config(model=ModelConfig(vocab_size=64, d_model=16, n_layers=1, n_heads=2, max_seq_len=8,
+                                           moe_experts=6), data=DataConfig(seq_len=8)))
+    shapes = jax.eval_shape(lambda: init_params(cfg.model, jax.random.key(0)))
+    got = state_shardings(shapes, AbstractMesh((1, 2, 2), ("data", "fsdp", "expert")))
+    assert got["layers_0"]["moe"]["w_up"].spec == P("expert", None, "fsdp"), got["layers_0"]["moe"]["w_up"]
+    assert got["layers_0"]["moe"]["router"]["kernel"].spec != P("expert"), "only the [E, ...] expert tensors"
+    with pytest.raises(ConfigError, match=r"^train.mesh expert axis 4 does not divide model.moe_experts=6; "
+                                          r"use an expert axis that divides 6$"):
+        state_shardings(shapes, AbstractMesh((1, 1, 4), ("data", "fsdp", "expert")))
+    # A saved 2-entry mesh still loads: expert = 1.
+    assert dict(make_mesh([1, 1], jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "expert": 1}
+    assert dict(make_mesh([1, 1, -1], jax.devices()[:1]).shape) == {"data": 1, "fsdp": 1, "expert": 1}
