@@ -170,11 +170,32 @@ def test_one_signalled_process_stops_both_at_the_same_step_and_resumes_exactly(
         assert abs(got[s] - want[s]) <= 1e-5, f"step {s}: 2 processes (resumed) {got[s]} vs 1 process {want[s]}"
 
 
+# The 2x1x4 state saved (checkpoint.save) and restored into the 1x1x8 shardings: the same values, 1 expert a device.
+RESTORE_ON_ANOTHER_MESH = r"""
+import tempfile
+from pathlib import Path
+import numpy as np
+from atlas_jax import checkpoint as ckpt
+from atlas_jax.sharding import state_shardings
+from atlas_jax.train_step import abstract_state
+with tempfile.TemporaryDirectory() as tmp:
+    manager = ckpt.make_manager(Path(tmp), 1)
+    ckpt.save(manager, kept["2x1x4"], {}, cfg)
+    abstract = abstract_state(cfg)
+    back, _ = ckpt.restore(manager, manager.latest_step(), abstract, state_shardings(abstract, make_mesh((1, 1, 8))), cfg)
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+               for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(kept["2x1x4"])))
+    w = back["params"]["layers_0"]["moe"]["w_up"]
+    out["2x1x4 restored on 1x1x8"] = {"max_diff": diff, "w_up_shard": list(w.addressable_shards[0].data.shape)}
+"""
+
+
 def test_moe_data_fsdp_and_expert_parallel_match_one_device(shakespeare_data_dir):
     # A mixture-of-experts llama (8 experts, 2 per token, the default moe_impl): the sort by expert and
     # the load-balancing loss run over the whole microbatch whichever devices hold its rows. 2x4: FSDP
     # splits the stacked expert weights like any other array; [d, f, e]: the expert axis holds 8/e
-    # experts per device (with fsdp splitting another dimension at 2x2x2). Each mesh compiles its own step.
+    # experts per device (with fsdp splitting another dimension at 2x2x2); a checkpoint of 2x1x4 restores on
+    # 1x1x8. Each mesh compiles its own step.
     script = MESH_SCRIPT.replace("max_seq_len=32)", "max_seq_len=32, moe_experts=8, moe_experts_per_token=2)").replace(
         '("8x1", (8, 1), None),\n                             ("1x8", (1, 8), None), ',
         '("1x1x8", (1, 1, 8), None), ("2x1x4", (2, 1, 4), None), ("2x2x2", (2, 2, 2), None), ').replace(
@@ -184,8 +205,10 @@ def test_moe_data_fsdp_and_expert_parallel_match_one_device(shakespeare_data_dir
         '          if ".mu" in jax.tree_util.keystr(p) and jax.tree_util.keystr(p).endswith("[\'layers_0\'][\'moe\'][\'w_up\']")][0]\n'
         '    out[name] = {"losses": losses, "w_up_spec": str(w.sharding.spec),\n'
         '                 "w_up_shard": list(w.addressable_shards[0].data.shape),\n'
-        '                 "w_up_mu_shard": list(mu.addressable_shards[0].data.shape),')
-    assert "moe_experts" in script and '"1x1x8"' in script and "w_up_mu_shard" in script, \
+        '                 "w_up_mu_shard": list(mu.addressable_shards[0].data.shape),').replace(
+        "out = {}\n", "out, kept = {}, {}\n").replace('    emb = state[', '    kept[name] = state\n    emb = state[').replace(
+        'print("RESULT "', RESTORE_ON_ANOTHER_MESH + 'print("RESULT "')
+    assert "moe_experts" in script and '"1x1x8"' in script and "w_up_mu_shard" in script and "kept[name]" in script, \
         "MESH_SCRIPT changed: update this test's edits"
     proc = subprocess.run([sys.executable, "-c", script, str(shakespeare_data_dir)],
                           env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
@@ -203,6 +226,9 @@ def test_moe_data_fsdp_and_expert_parallel_match_one_device(shakespeare_data_dir
                         ("2x2x2", [4, 64, d_ff // 2])]:
         assert out[name]["w_up_shard"] == out[name]["w_up_mu_shard"] == shard, (name, out[name])
     assert out["1x1x8"]["w_up_spec"] == "P('expert', None, None)", out["1x1x8"]
+    # A checkpoint saved on one mesh restores on another (orbax reshards on restore).
+    moved = out["2x1x4 restored on 1x1x8"]
+    assert moved["max_diff"] == 0.0 and moved["w_up_shard"] == [1, 64, d_ff], moved
 
 
 def test_expert_axis_splits_expert_tensors_and_refuses_one_that_does_not_divide():
