@@ -140,7 +140,10 @@ class TrainConfig:
     checkpoint_interval: int = 500
     keep: int = 3
     seed: int = 0
-    mesh: list[int] = field(default_factory=lambda: [-1, 1])  # (data, fsdp); -1 = all remaining devices
+    # [data, fsdp] or [data, fsdp, expert]; -1 = all remaining devices. The batch is split over every
+    # axis; fsdp splits params and optimizer state; expert (MoE only) puts moe_experts/expert experts
+    # on each device (expert parallelism). A 2-entry mesh means expert=1.
+    mesh: list[int] = field(default_factory=lambda: [-1, 1])
     max_nonfinite_steps: int = 10
     tracking: str = "tensorboard"  # tensorboard | mlflow | none (metrics.jsonl is always written)
     tracking_uri: str | None = None  # mlflow: None -> sqlite:///<run_dir>/../mlflow.db (local); http(s)://server
@@ -411,6 +414,17 @@ def off_family(m: ModelConfig, exporter: str) -> str | None:
             f"{', '.join(f'model.{k}={preset[k]}' for k in off)} (model.arch={m.arch}'s preset)")
 
 
+def validate_expert_axis(moe_experts: int, expert: int) -> None:
+    """The expert mesh axis (train.mesh[2], -1 = the rest) against model.moe_experts; sharding checks a -1
+    once the device count is known."""
+    if expert != 1 and moe_experts == 0:
+        raise ConfigError(f"train.mesh expert axis {expert} needs a mixture-of-experts model (model.moe_experts=0 "
+                          f"is dense); set model.moe_experts, or use a 2-entry train.mesh [data, fsdp]")
+    if expert > 1 and moe_experts % expert:
+        raise ConfigError(f"train.mesh expert axis {expert} does not divide model.moe_experts={moe_experts}; "
+                          f"use an expert axis that divides {moe_experts}")
+
+
 def validate_moe(m: ModelConfig) -> None:
     _choice(m.moe_impl, MOE_IMPLS, "model.moe_impl")
     _check_positive({"model.moe_experts": m.moe_experts, "model.moe_first_layer": m.moe_first_layer,
@@ -549,9 +563,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}")
     if not (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1):
         raise ConfigError(f"train.beta1/beta2 must be in [0, 1), got {t.beta1}, {t.beta2}")
-    if len(t.mesh) != 2 or any(v == 0 or v < -1 for v in t.mesh) or t.mesh.count(-1) > 1:
+    if len(t.mesh) not in (2, 3) or any(v == 0 or v < -1 for v in t.mesh) or t.mesh.count(-1) > 1:
         raise ConfigError(
-            f"train.mesh={t.mesh}: expected [data, fsdp] with positive sizes and at most one -1, e.g. [-1, 1]")
+            f"train.mesh={t.mesh}: expected [data, fsdp] or [data, fsdp, expert] with positive sizes and at "
+            f"most one -1, e.g. [-1, 1]")
+    validate_expert_axis(m.moe_experts, t.mesh[2] if len(t.mesh) == 3 else 1)
     if not 0.0 < s.top_p <= 1.0:
         raise ConfigError(f"sample.top_p must be in (0, 1], got {s.top_p}")
     validate_sample_window(s, m)

@@ -1,8 +1,11 @@
-"""Device mesh and shardings: data parallel and FSDP over a (data, fsdp) mesh.
+"""Device mesh and shardings: data parallel, FSDP and expert parallel over a (data, fsdp, expert) mesh.
 
-- The batch is split over both axes (every device computes a different slice of the batch).
+- The batch is split over all three axes (every device computes a different slice of the batch).
 - Params and optimizer state are replicated when fsdp == 1, otherwise each array is split along
   its largest dimension that the fsdp size divides (arrays with none stay replicated).
+- The stacked expert tensors of a MoE layer (`.../moe/w_gate|w_up|w_down`, [E, ...]) and their
+  optimizer state are split along E over the expert axis (each device holds E/expert experts; fsdp
+  splits one of their other dimensions); XLA inserts the exchange of tokens between devices.
 - Multi-host: `maybe_initialize_distributed` calls `jax.distributed.initialize`; each process
   builds its rows of the global batch and `global_batch` assembles the global array.
 """
@@ -17,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from atlas_jax.errors import ConfigError
 
-BATCH_AXES = ("data", "fsdp")
+BATCH_AXES = ("data", "fsdp", "expert")
+EXPERT_PARAMS = ("w_gate", "w_up", "w_down")
 
 
 def maybe_initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
@@ -32,22 +36,21 @@ def maybe_initialize_distributed(coordinator: str | None, num_processes: int | N
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
 
-def make_mesh(mesh_shape: list[int] | tuple[int, int], devices: list | None = None) -> Mesh:
+def make_mesh(mesh_shape: list[int] | tuple[int, ...], devices: list | None = None) -> Mesh:
+    """train.mesh ([data, fsdp] or [data, fsdp, expert], one -1 = the rest) -> a (data, fsdp, expert) Mesh."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    data, fsdp = mesh_shape
-    if data == -1:
-        if n % fsdp:
-            raise ConfigError(f"train.mesh={list(mesh_shape)}: fsdp={fsdp} does not divide the {n} devices")
-        data = n // fsdp
-    if fsdp == -1:
-        if n % data:
-            raise ConfigError(f"train.mesh={list(mesh_shape)}: data={data} does not divide the {n} devices")
-        fsdp = n // data
-    if data * fsdp != n:
-        raise ConfigError(f"train.mesh={list(mesh_shape)} needs {data * fsdp} devices but {n} are present; "
+    sizes = list(mesh_shape) + [1] * (3 - len(mesh_shape))
+    if -1 in sizes:
+        rest = -int(np.prod(sizes))  # the product of the given sizes
+        if n % rest:
+            raise ConfigError(f"train.mesh={list(mesh_shape)}: the other axes ({rest} devices) do not divide the "
+                              f"{n} devices")
+        sizes[sizes.index(-1)] = n // rest
+    if int(np.prod(sizes)) != n:
+        raise ConfigError(f"train.mesh={list(mesh_shape)} needs {int(np.prod(sizes))} devices but {n} are present; "
                           f"use -1 for one axis to take the rest")
-    return Mesh(np.asarray(devices).reshape(data, fsdp), ("data", "fsdp"))
+    return Mesh(np.asarray(devices).reshape(sizes), ("data", "fsdp", "expert"))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -58,21 +61,36 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def param_spec(shape: tuple[int, ...], fsdp: int) -> P:
-    """Split the largest dimension fsdp divides; replicate otherwise."""
-    if fsdp == 1 or not shape:
-        return P()
-    for dim in sorted(range(len(shape)), key=lambda i: -shape[i]):
-        if shape[dim] % fsdp == 0 and shape[dim] >= fsdp:
-            spec = [None] * len(shape)
-            spec[dim] = "fsdp"
-            return P(*spec)
-    return P()
+def param_spec(shape: tuple[int, ...], fsdp: int, expert_axis: bool = False) -> P:
+    """Split the largest dimension fsdp divides (not the expert dimension 0 of an expert tensor, which
+    goes on the expert axis); replicate otherwise."""
+    spec: list = [None] * len(shape)
+    if expert_axis:
+        spec[0] = "expert"
+    if fsdp > 1:
+        for dim in sorted(range(int(expert_axis), len(shape)), key=lambda i: -shape[i]):
+            if shape[dim] % fsdp == 0 and shape[dim] >= fsdp:
+                spec[dim] = "fsdp"
+                break
+    return P(*spec) if any(spec) else P()
+
+
+def _is_expert_tensor(path, ndim: int) -> bool:
+    names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+    return ndim == 3 and "moe" in names and names[-1] in EXPERT_PARAMS
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-    fsdp = mesh.shape["fsdp"]
-    return jax.tree_util.tree_map(lambda x: NamedSharding(mesh, param_spec(tuple(x.shape), fsdp)), abstract_state)
+    fsdp, expert = mesh.shape["fsdp"], mesh.shape["expert"]
+
+    def spec(path, x):
+        on_expert = expert > 1 and _is_expert_tensor(path, len(x.shape))
+        if on_expert and x.shape[0] % expert:
+            raise ConfigError(f"train.mesh expert axis {expert} does not divide model.moe_experts={x.shape[0]}; "
+                              f"use an expert axis that divides {x.shape[0]}")
+        return NamedSharding(mesh, param_spec(tuple(x.shape), fsdp, on_expert))
+
+    return jax.tree_util.tree_map_with_path(spec, abstract_state)
 
 
 def check_batch_divides(global_batch: int, microbatches: int, mesh: Mesh) -> None:
@@ -85,7 +103,7 @@ def check_batch_divides(global_batch: int, microbatches: int, mesh: Mesh) -> Non
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """This process's rows -> one global array per key, sharded over (data, fsdp)."""
+    """This process's rows -> one global array per key, sharded over (data, fsdp, expert)."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 

@@ -4,6 +4,7 @@
     python scripts/bench.py decode  [--checkpoint RUN_DIR]
     python scripts/bench.py scaling
     python scripts/bench.py quality --checkpoint RUN_DIR
+    python scripts/bench.py moe     [section.key=value ...]
     ... --quick        tiny sizes and few steps: a smoke test, each subcommand under a minute on a
                        quiet 2-core machine (the first torch.compile on a machine adds ~1 minute)
 
@@ -21,6 +22,9 @@
   peak RSS, beside transformers' own from_pretrained + save_pretrained.
 - finetune: full fine-tuning vs LoRA r=8 vs an nf4 base with LoRA r=8 on a 124M llama: trainable
   params, optimizer-state and base bytes, step time, peak RSS.
+- moe: a MoE llama (8 experts, 2 per token) at the config's width against the dense llama with the
+  same active params, and model.moe_impl grouped vs ragged vs dense dispatch: ms/step, tokens/s,
+  peak RSS, total and active params.
 
 Results merge into --out (JSON, default docs/benchmarks.json, one section per subcommand) and are
 rendered as tables into --md (default: --out with .md) between the `bench:begin/end` markers,
@@ -46,6 +50,7 @@ from atlas_jax.bench.common import (CORPUS, ENV_PREFIXES, REPO, BenchError, benc
 from atlas_jax.bench.decode import cmd_decode
 from atlas_jax.bench.finetune import cmd_finetune
 from atlas_jax.bench.hf import cmd_hf
+from atlas_jax.bench.moe import cmd_moe
 from atlas_jax.bench.quality import cmd_quality
 from atlas_jax.bench.report import check_outputs, check_png, render_markdown, write_outputs
 from atlas_jax.bench.scaling import SIZES, cmd_scaling, scaling_configs
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="validation windows of data.seq_len tokens (default 16)")
     sub.add_parser("hf", parents=[common], help="Hugging Face import/export of a 124M GPT-2 vs transformers: time, RSS")
     sub.add_parser("finetune", parents=[common], help="full fine-tuning vs LoRA vs QLoRA-style: params, memory, step")
+    sub.add_parser("moe", parents=[common], help="MoE (8 experts, top-2) vs dense with the same active params; "
+                   "grouped vs ragged vs dense dispatch")
     args = p.parse_args(argv)
 
     # Everything a run will need is checked before the first measurement (minutes of them): the
@@ -109,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     from atlas_jax import compile_cache
     compile_cache.setup()  # the children inherit it through JAX_* variables; ATLAS_COMPILE_CACHE=0 turns it off
     section = {"train": cmd_train, "decode": cmd_decode, "scaling": cmd_scaling,
-               "quality": cmd_quality, "hf": cmd_hf, "finetune": cmd_finetune}[args.command](args)
+               "quality": cmd_quality, "hf": cmd_hf, "finetune": cmd_finetune,
+               "moe": cmd_moe}[args.command](args)
     section["command"] = "python scripts/bench.py " + shlex.join(argv)
     section["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
     section["quick"] = args.quick

@@ -310,13 +310,33 @@ def _md_finetune(f: dict) -> list[str]:
          "peak RSS (MiB)"], rows) + [""]
 
 
+def _md_moe(mo: dict) -> list[str]:
+    rows = []
+    for name, r in mo["rows"].items():
+        if "error" in r:
+            rows.append([name, f"error: {r['error']}"] + [""] * 6)
+            continue
+        rows.append([name, f"{r['params_total']:,}", f"{r['params_active']:,}", _fmt(r["step_s_median"] * 1e3, 1),
+                     _fmt(r["tokens_per_s"]), _fmt(r.get("peak_rss_mib")), _fmt(r.get("time_vs_dense"), 2, "x"),
+                     f"{r['first_loss']:.4f}"])
+    return [f"### moe: {mo['config'] or 'flags'}", "", f"`{mo['command']}`  ",
+            f"d_model {mo['d_model']}, {mo['n_layers']} layers; MoE: {mo['moe_experts']} experts, "
+            f"{mo['moe_experts_per_token']} per token, expert d_ff {mo['moe_d_ff']}, against the dense model with "
+            f"the same active params. Batch {mo['batch_size']} x seq {mo['seq_len']} in {mo['microbatches']} "
+            f"microbatches, dropout 0; median of {mo['steps']} steps after {mo['warmup']} warm-up, each row in a "
+            f"fresh process. Load average {mo['load_avg_start']} -> {mo['load_avg_end']}.", ""] + _table(
+        ["model", "params", "active params", "step (ms)", "tokens/s", "peak RSS (MiB)", "time vs dense",
+         "first loss"], rows) + [""]
+
+
 def render_markdown(data: dict) -> str:
     mach, ver = data.get("machine", {}), data.get("versions", {})
     lines = [f"Machine: {mach.get('cpu')}, {mach.get('cores')} cores, {mach.get('memory_gib')} GiB; jax backend "
              f"{mach.get('jax_backend')} ({mach.get('device_kind')} x{mach.get('device_count')}).",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v) + ".", ""]
     for name, render in (("train", _md_train), ("decode", _md_decode), ("scaling", _md_scaling),
-                         ("quality", _md_quality), ("hf", _md_hf), ("finetune", _md_finetune)):
+                         ("quality", _md_quality), ("hf", _md_hf), ("finetune", _md_finetune),
+                         ("moe", _md_moe)):
         if name in data:
             lines += render(data[name])
             if data[name].get("env"):

@@ -164,3 +164,36 @@ def test_cpu_utilisation_is_labelled_so_and_each_framework_has_its_own_matmul_pe
     text = "\n".join(_md_train(tr))
     assert f"| {CPU_UTIL} |" in text and "| MFU |" not in text, text
     assert f"({jax_src}) for atlas_jax rows" in text and f"({torch_src}) for torch rows" in text, text
+
+
+def test_moe_measures_dense_and_every_moe_impl_with_their_param_counts(tmp_path):
+    """bench.py moe --quick: the dense twin (same active params) and grouped/ragged/dense dispatch, each
+    with step time, tokens/s, peak RSS and param counts, in the JSON and the markdown table."""
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "moe", "--quick", "--steps", "2", "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"bench.py moe --quick exited {proc.returncode}: {proc.stderr[-3000:]}"
+    mo = json.loads(out.read_text())["moe"]
+    assert mo["moe_experts"] == 8 and mo["moe_experts_per_token"] == 2, mo
+    names = list(mo["rows"])
+    assert names[0].startswith("dense d_ff=") and names[1:] == ["moe grouped", "moe ragged", "moe dense"], names
+    for name, r in mo["rows"].items():
+        assert "error" not in r, (name, r)
+        _positive(r, ("step_s_median", "tokens_per_s", "peak_rss_mib", "params_total", "params_active"), name)
+    dense, moe = mo["rows"][names[0]], mo["rows"]["moe grouped"]
+    # The dense twin matches the MoE's active params to within one d_ff column per layer (3 * d_model each).
+    assert abs(dense["params_active"] - moe["params_active"]) <= 3 * mo["d_model"] * mo["n_layers"], (dense, moe)
+    assert moe["params_total"] > moe["params_active"] == mo["rows"]["moe dense"]["params_active"], moe
+    md = out.with_suffix(".md").read_text()
+    assert "### moe:" in md and "| moe ragged |" in md, md
+
+
+def test_moe_on_a_dense_model_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "moe", "--quick", "model.moe_experts=0",
+                           "--out", str(tmp_path / "bench.json")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "model.moe_experts" in lines[0], proc.stderr

@@ -104,6 +104,7 @@ def test_explicit_d_ff_is_kept(tmp_path):
     ("data.tokenizer=123", "data", "tokenizer", "123"),  # a string field keeps what was typed
     ("train.run_dir=runs/x=1", "train", "run_dir", "runs/x=1"),  # only the first '=' splits
     ("train.mesh=[2, 1]", "train", "mesh", [2, 1]),
+    ("train.mesh=[2, 4, 1]", "train", "mesh", [2, 4, 1]),  # [data, fsdp, expert]
     ("data.sources=[a.txt, b.jsonl]", "data", "sources", ["a.txt", "b.jsonl"]),
     ("data.sources=a.txt", "data", "sources", ["a.txt"]),  # one string for a list of strings
 ])
@@ -190,6 +191,12 @@ BAD_OVERRIDES = {  # id: (overrides, words the one-line message must contain)
     "window-without-rope": (["model.positions=none", "sample.window=32"], ["sample.window with model.positions=none",
                                                                           "model.positions=rope"]),
     "negative-n_sink": (["sample.window=8", "sample.n_sink=-1"], ["sample.n_sink", ">= 0"]),
+    "expert-axis-not-dividing-experts": (["model.moe_experts=6", "train.mesh=[1, 1, 4]"],
+                                         ["train.mesh expert axis 4", "does not divide model.moe_experts=6",
+                                          "divides 6"]),
+    "expert-axis-on-a-dense-model": (["train.mesh=[1, 1, 2]"], ["train.mesh expert axis 2", "model.moe_experts=0",
+                                                                 "2-entry train.mesh"]),
+    "mesh-four-entries": (["train.mesh=[1, 1, 1, 1]"], ["train.mesh=[1, 1, 1, 1]", "[data, fsdp, expert]"]),
 }
 
 
