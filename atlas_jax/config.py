@@ -155,6 +155,9 @@ class TrainConfig:
     objective: str = "lm"
     dpo_beta: float = 0.1
     dpo_label_smoothing: float = 0.0  # conservative DPO: the chance a preference label is flipped
+    # RPO (Pang et al. 2024; trl's rpo_alpha): add rpo_alpha x the chosen replies' per-token NLL to the DPO
+    # loss, so the chosen answers' likelihood is held up while the pair's margin grows; 0 = plain DPO
+    rpo_alpha: float = 0.0
     # on_the_fly: the reference's log-probs computed in every step | once: for all train pairs before step 1
     dpo_reference: str = "on_the_fly"
 
@@ -513,6 +516,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.dpo_beta must be positive, got {t.dpo_beta}")
     if not 0.0 <= t.dpo_label_smoothing < 0.5:
         raise ConfigError(f"train.dpo_label_smoothing must be in [0, 0.5), got {t.dpo_label_smoothing}")
+    if t.rpo_alpha < 0:
+        raise ConfigError(f"train.rpo_alpha must be >= 0 (0 = plain DPO), got {t.rpo_alpha}")
     if d.pack and t.objective != "sft":
         raise ConfigError(f"data.pack packs SFT conversations; train.objective={t.objective} takes no packing "
                           "(set data.pack: false)")

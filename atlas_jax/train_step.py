@@ -128,7 +128,8 @@ def _terms(cfg: Config, params, base, mb: dict, key, norm):
             ref = jax.lax.stop_gradient(sequence_logps(Transformer(cfg.model).apply({"params": base}, inputs),
                                                        targets, weights))
         loss, metrics = dpo_loss(policy[:b], policy[b:], ref[:b], ref[b:], cfg.train.dpo_beta,
-                                 cfg.train.dpo_label_smoothing)
+                                 cfg.train.dpo_label_smoothing, cfg.train.rpo_alpha,
+                                 jnp.sum(mb["chosen_weights"], axis=-1))
         return {"loss": loss, **metrics}
     weights = mb.get("weights") if objective_name == "sft" else None
     normalizer = norm if objective_name == "sft" else None

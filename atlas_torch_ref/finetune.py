@@ -24,13 +24,17 @@ def reply_logps(model, inputs: torch.Tensor, targets: torch.Tensor, weights: tor
     return (picked * weights).sum(-1)
 
 
-def dpo_loss(policy, reference, chosen: tuple, rejected: tuple, beta: float, label_smoothing: float = 0.0):
-    """(loss, {rewards}) with chosen / rejected = (inputs, targets, weights)."""
+def dpo_loss(policy, reference, chosen: tuple, rejected: tuple, beta: float, label_smoothing: float = 0.0,
+             rpo_alpha: float = 0.0):
+    """(loss, {rewards}) with chosen / rejected = (inputs, targets, weights); rpo_alpha > 0 adds alpha
+    times the chosen replies' NLL per token, averaged over pairs (RPO, Pang et al. 2024)."""
     pc, pr = reply_logps(policy, *chosen), reply_logps(policy, *rejected)
     with torch.no_grad():
         rc, rr = reply_logps(reference, *chosen), reply_logps(reference, *rejected)
     h = (pc - rc) - (pr - rr)
     loss = (-(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)).mean()
+    if rpo_alpha:
+        loss = loss + rpo_alpha * (-pc / chosen[2].sum(-1).clamp(min=1.0)).mean()
     chosen_r, rejected_r = beta * (pc - rc), beta * (pr - rr)
     return loss, {"rewards/chosen": chosen_r.mean().item(), "rewards/rejected": rejected_r.mean().item(),
                   "rewards/margins": (chosen_r - rejected_r).mean().item()}

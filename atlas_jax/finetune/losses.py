@@ -11,6 +11,10 @@ averaged over pairs. Rewards as trl logs them: rewards/chosen = beta * (log pi -
 rewards/rejected the same of y_l, rewards/accuracies = mean(chosen > rejected) (a tie counts 1/2),
 rewards/margins =
 mean(chosen - rejected).
+
+RPO (Pang et al. 2024, trl's rpo_alpha): loss + alpha * nll_chosen, nll_chosen the chosen replies'
+NLL per token (each pair's summed NLL over its weighted tokens divided by their count), averaged over
+pairs like the DPO term, so the value is the same whatever train.microbatches is.
 """
 from __future__ import annotations
 
@@ -28,8 +32,10 @@ def sequence_logps(logits_BxTxV, targets_BxT, weights_BxT):
     return jnp.sum(logp * weights_BxT, axis=-1)
 
 
-def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0):
-    """(mean loss, {reward metrics}) from per-pair summed log-probs [B]."""
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float, label_smoothing: float = 0.0,
+             rpo_alpha: float = 0.0, chosen_tokens=None):
+    """(mean loss, {reward metrics}) from per-pair summed log-probs [B]; rpo_alpha > 0 adds the chosen
+    replies' per-token NLL (chosen_tokens [B]: each chosen reply's weighted token count) times alpha."""
     chosen = beta * (policy_chosen - ref_chosen)
     rejected = beta * (policy_rejected - ref_rejected)
     z = chosen - rejected
@@ -38,4 +44,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
                # a tie counts one half: the untrained policy (chosen == rejected == 0) scores 0.5
                "rewards/accuracies": jnp.mean(jnp.where(chosen > rejected, 1.0, jnp.where(chosen == rejected, 0.5, 0.0))),
                "rewards/margins": jnp.mean(z)}
-    return jnp.mean(losses), metrics
+    loss = jnp.mean(losses)
+    if rpo_alpha:
+        metrics["nll_chosen"] = jnp.mean(-policy_chosen / jnp.maximum(chosen_tokens, 1.0))
+        loss = loss + rpo_alpha * metrics["nll_chosen"]
+    return loss, metrics

@@ -71,10 +71,10 @@ def _dpo_batch(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_dpo_loss_and_grads_match_torch(name, smoothing):
+@pytest.mark.parametrize("smoothing, rpo_alpha", [(0.0, 0.0), (0.1, 0.0), (0.0, 0.7)])
+def test_dpo_loss_and_grads_match_torch(name, smoothing, rpo_alpha):
     cfg = Config(model=model_config(name), train=TrainConfig(objective="dpo", init_from="run:x", dpo_beta=0.5,
-                                                             dpo_label_smoothing=smoothing))
+                                                             dpo_label_smoothing=smoothing, rpo_alpha=rpo_alpha))
     ref_params = parity_params(cfg.model, seed=0)
     # the policy: the reference moved a little, so the log-ratios are not zero
     policy = jax.tree.map(lambda a, b: a + 0.05 * b, ref_params, parity_params(cfg.model, seed=1))
@@ -87,7 +87,7 @@ def test_dpo_loss_and_grads_match_torch(name, smoothing):
     (value, terms), grads = jax.value_and_grad(loss, has_aux=True)(jax.tree.map(jnp.asarray, policy))
     t_policy, t_ref = _torch_model(cfg.model, policy), _torch_model(cfg.model, ref_params)
     pick = lambda k: (_t(mb[f"{k}_inputs"]), _t(mb[f"{k}_targets"]), torch.from_numpy(mb[f"{k}_weights"]))  # noqa: E731
-    t_loss, t_metrics = dpo_loss(t_policy, t_ref, pick("chosen"), pick("rejected"), 0.5, smoothing)
+    t_loss, t_metrics = dpo_loss(t_policy, t_ref, pick("chosen"), pick("rejected"), 0.5, smoothing, rpo_alpha)
     t_loss.backward()
     assert_close(f"{name} dpo loss", value, t_loss.item(), LOSS_ATOL, axes=())
     for k, v in t_metrics.items():

@@ -191,6 +191,7 @@ BAD_OVERRIDES = {  # id: (overrides, words the one-line message must contain)
     "window-without-rope": (["model.positions=none", "sample.window=32"], ["sample.window with model.positions=none",
                                                                           "model.positions=rope"]),
     "negative-n_sink": (["sample.window=8", "sample.n_sink=-1"], ["sample.n_sink", ">= 0"]),
+    "negative-rpo_alpha": (["train.rpo_alpha=-1"], ["train.rpo_alpha must be >= 0", "plain DPO"]),
     "expert-axis-not-dividing-experts": (["model.moe_experts=6", "train.mesh=[1, 1, 4]"],
                                          ["train.mesh expert axis 4", "does not divide model.moe_experts=6",
                                           "divides 6"]),
