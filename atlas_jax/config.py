@@ -417,6 +417,14 @@ def off_family(m: ModelConfig, exporter: str) -> str | None:
             f"{', '.join(f'model.{k}={preset[k]}' for k in off)} (model.arch={m.arch}'s preset)")
 
 
+def sink_options(m: ModelConfig) -> str | None:
+    """The attention-sink options a model uses ("model.sink_logits=true and model.sink_tokens=2"), or
+    None: what exporters that cannot carry them name in their refusal."""
+    given = [x for x in ("model.sink_logits=true" if m.sink_logits else "",
+                         f"model.sink_tokens={m.sink_tokens}" if m.sink_tokens else "") if x]
+    return " and ".join(given) or None
+
+
 def validate_expert_axis(moe_experts: int, expert: int) -> None:
     """The expert mesh axis (train.mesh[2], -1 = the rest) against model.moe_experts; sharding checks a -1
     once the device count is known."""

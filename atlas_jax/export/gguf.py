@@ -39,7 +39,7 @@ from gguf import GGUFValueType as VT
 from gguf import Keys, LlamaFileType, TokenType
 from gguf import MODEL_TENSOR as T
 
-from atlas_jax.config import ModelConfig, off_family
+from atlas_jax.config import ModelConfig, off_family, sink_options
 from atlas_jax.errors import AtlasError
 from atlas_jax.export.llamacpp import LLAMACPP_FTYPES, llamacpp_quantize
 from atlas_jax.export.quantize import gptq_q4_0
@@ -427,9 +427,8 @@ def check_exportable(cfg: ModelConfig) -> None:
     off = off_family(cfg, "GGUF export")
     if off:
         raise ExportError(off)
-    if cfg.sink_logits or cfg.sink_tokens:
-        given = " and ".join(x for x in ("model.sink_logits=true" if cfg.sink_logits else "",
-                                         f"model.sink_tokens={cfg.sink_tokens}" if cfg.sink_tokens else "") if x)
+    given = sink_options(cfg)
+    if given:
         raise ExportError(
             f"{given}: llama.cpp's llama architecture has no learned attention sinks (no per-head sink logits, no "
             f"vectors before the first token); export a model trained with model.sink_logits=false and "

@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from atlas_jax.config import ModelConfig, off_family, resolve_model
+from atlas_jax.config import ModelConfig, off_family, resolve_model, sink_options
 from atlas_jax.errors import AtlasError, ConfigError
 
 SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM")
@@ -143,9 +143,8 @@ def hf_config(m: ModelConfig, bos_id: int | None, eos_id: int | None, pad_id: in
     off = off_family(m, "Hugging Face export")
     if off:
         raise HFError(off)
-    if m.sink_logits or m.sink_tokens:
-        given = " and ".join(x for x in ("model.sink_logits=true" if m.sink_logits else "",
-                                         f"model.sink_tokens={m.sink_tokens}" if m.sink_tokens else "") if x)
+    given = sink_options(m)
+    if given:
         raise HFError(f"{given}: transformers' {'GPT2' if m.arch == 'gpt2' else 'Llama'}ForCausalLM has no learned "
                       f"attention sinks; export a model trained with model.sink_logits=false and model.sink_tokens=0")
     ids = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id))

@@ -36,6 +36,7 @@ from atlas_jax.eval.__main__ import main
 from atlas_jax.eval.perplexity import EvalError
 from atlas_jax.model import Transformer, init_params
 from cli_checks import one_line_error
+from tests.unit.test_lora_export import _randomized  # weights with informative logits
 
 REPO = Path(__file__).resolve().parents[2]
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -49,21 +50,6 @@ MC = [{"question": "Who speaks first?", "choices": ["First Citizen", "All", "Men
       {"question": "Speak,", "choices": ["speak.", "famish", "die"]}]
 GEN_PROMPTS = ["First Citizen:\n", "All:\nSpeak"]
 MAX_GEN = 8
-
-
-def _randomized(params, seed: int = 0):
-    """Weights with informative logits (as test_lora_export)."""
-    rng = np.random.default_rng(seed)
-
-    def draw(path, x):
-        name = jax.tree_util.keystr(path)
-        if "embed" in name:
-            return (0.25 * rng.standard_normal(x.shape)).astype(np.float32)
-        if x.ndim == 2:
-            return (rng.standard_normal(x.shape) / np.sqrt(x.shape[0])).astype(np.float32)
-        return ((1.0 if "scale" in name else 0.0) + 0.1 * rng.standard_normal(x.shape)).astype(np.float32)
-
-    return jax.tree_util.tree_map_with_path(draw, params)
 
 
 @pytest.fixture(scope="module")
