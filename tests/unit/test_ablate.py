@@ -55,8 +55,9 @@ def test_two_toggles_at_an_equal_budget_write_a_consistent_table_and_png(tiny_ar
 def test_default_set_toggles_each_option_once():
     cfg = load_config(REPO / "configs/shakespeare.yaml")
     toggles = ablate.default_toggles(cfg.model)
-    assert list(toggles)[:7] == ["baseline", "positions=learned", "positions=none", "norm=layer", "mlp=gelu",
-                                 "n_kv_heads=1", "moe=4x2"]
+    assert list(toggles) == ["baseline", "positions=learned", "positions=none", "norm=layer", "mlp=gelu",
+                             "n_kv_heads=1", "moe=4x2", "sinks=4"]
+    assert toggles["sinks=4"] == ["model.sink_tokens=4"]
     plans = ablate.plan(cfg, toggles, 10 * 32 * 128, Path("/tmp/unused"))
     assert {c.train.steps for c in plans.values()} == {10}
     assert plans["mlp=gelu"].model.d_ff == 4 * 192 and plans["moe=4x2"].model.moe_d_ff == plans["baseline"].model.d_ff // 2
