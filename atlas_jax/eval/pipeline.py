@@ -1,6 +1,6 @@
 """The alignment pipeline on the synthetic arithmetic task, measured end to end in one command.
 
-    python -m atlas_jax.eval.pipeline --out runs/arith            # ~25 minutes on 2 CPU cores
+    python -m atlas_jax.eval.pipeline --out runs/arith            # 9.3 minutes measured on 2 CPU cores (docs/pipeline.md)
     python -m atlas_jax.eval.pipeline --out /tmp/arith --quick    # a minute: every stage, tiny budgets
 
 Stages (each a run directory under --out; training goes through `python -m atlas_jax.train`):
