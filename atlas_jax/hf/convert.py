@@ -1,7 +1,8 @@
 """Hugging Face <-> Atlas: model configs and the tensor table, both ways (numpy only, no torch).
 
 Supported architectures (`SUPPORTED`): GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM
-(without a sliding window). Anything a model of these classes can switch on that Atlas's model does
+(without a sliding window), MixtralForCausalLM (an Atlas llama with every layer MoE: moe_first_layer=0,
+moe_every=1; the same routing: softmax over all experts, top k, the k weights renormalised). Anything a model of these classes can switch on that Atlas's model does
 not compute (attention or MLP biases in Llama, RoPE scaling, a head_dim other than
 hidden_size / num_attention_heads, another activation) is refused by `atlas_model_config` with one
 line naming the config key, never approximated.
@@ -26,6 +27,11 @@ The tensor table (`tensor_table`), Hugging Face name -> Atlas param path:
       layers.{i}.self_attn.{v,o}_proj     layers_{i}/attn/w{v,o}/kernel (transposed: Linear is [out, in])
       layers.{i}.post_attention_layernorm layers_{i}/mlp_norm/scale
       layers.{i}.mlp.{gate,up,down}_proj  layers_{i}/mlp/w_{gate,up,down}/kernel (transposed)
+    mixtral: as llama, with the MLP replaced (the classic per-expert names, which transformers 5 fuses
+    on load and llama.cpp's converter reads)
+      layers.{i}.block_sparse_moe.gate.weight [E, D]           layers_{i}/moe/router/kernel (transposed)
+      layers.{i}.block_sparse_moe.experts.{e}.w1/w3 [F, D]     layers_{i}/moe/w_gate/w_up [e] (transposed)
+      layers.{i}.block_sparse_moe.experts.{e}.w2 [D, F]        layers_{i}/moe/w_down [e] (transposed)
       norm.weight                         final_norm/scale
       lm_head.weight                      lm_head/kernel (transposed), untied heads only
 
@@ -46,8 +52,9 @@ import numpy as np
 from atlas_jax.config import ModelConfig, off_family, resolve_model, sink_options
 from atlas_jax.errors import AtlasError, ConfigError
 
-SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM")
-ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
+SUPPORTED = ("GPT2LMHeadModel", "LlamaForCausalLM", "MistralForCausalLM", "MixtralForCausalLM")
+ARCH_OF = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+           "MixtralForCausalLM": "llama"}
 GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # the tanh GELU Atlas computes
 # Buffers some checkpoints carry that are not weights (causal masks, RoPE tables).
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
@@ -115,10 +122,10 @@ def atlas_model_config(hf: dict, where: str = "config.json") -> ModelConfig:
         for key in ("attention_bias", "mlp_bias"):
             if hf.get(key):
                 raise HFError(f"{where}: {key}=true is not supported (Atlas's llama has no biases)")
-        if name == "MistralForCausalLM" and hf.get("sliding_window") not in (None, 0) \
+        if name in ("MistralForCausalLM", "MixtralForCausalLM") and hf.get("sliding_window") not in (None, 0) \
                 and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
             raise HFError(f"{where}: sliding_window={hf['sliding_window']} is not supported (Atlas attends to "
-                          f"the whole context); a Mistral config with sliding_window null is")
+                          f"the whole context); a {name.removesuffix('ForCausalLM')} config with sliding_window null is")
         d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim")
         if head_dim is not None and int(head_dim) * heads != d:
@@ -130,6 +137,11 @@ def atlas_model_config(hf: dict, where: str = "config.json") -> ModelConfig:
                         max_seq_len=int(hf.get("max_position_embeddings", 2048)),
                         norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=_rope_theta(hf, where),
                         tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
+        if name == "MixtralForCausalLM":
+            _require(hf, ("num_local_experts", "num_experts_per_tok"), where)
+            m = dataclasses.replace(m, moe_experts=int(hf["num_local_experts"]),
+                                    moe_experts_per_token=int(hf["num_experts_per_tok"]), moe_d_ff=m.d_ff,
+                                    moe_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.02)))
     try:
         m = resolve_model(m)
     except ConfigError as e:
@@ -149,18 +161,29 @@ def hf_config(m: ModelConfig, bos_id: int | None, eos_id: int | None, pad_id: in
                       f"attention sinks; export a model trained with model.sink_logits=false and model.sink_tokens=0")
     ids = {k: v for k, v in (("bos_token_id", bos_id), ("eos_token_id", eos_id), ("pad_token_id", pad_id))
            if v is not None and v >= 0}
+    if m.moe_experts and (m.moe_first_layer, m.moe_every) != (0, 1):
+        raise HFError(f"model.moe_first_layer={m.moe_first_layer}, model.moe_every={m.moe_every}: "
+                      f"MixtralForCausalLM has every layer mixture-of-experts; export a model trained with "
+                      f"model.moe_first_layer=0 and model.moe_every=1")
     if m.arch == "gpt2":
         return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": m.vocab_size,
                 "n_positions": m.max_seq_len, "n_embd": m.d_model, "n_layer": m.n_layers, "n_head": m.n_heads,
                 "n_inner": m.d_ff, "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps,
                 "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "scale_attn_weights": True,
                 "tie_word_embeddings": m.tie_embeddings, "use_cache": True, "torch_dtype": dtype, **ids}
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": m.vocab_size,
-            "hidden_size": m.d_model, "intermediate_size": m.d_ff, "num_hidden_layers": m.n_layers,
-            "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
-            "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
-            "rope_scaling": None, "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
-            "tie_word_embeddings": m.tie_embeddings, "use_cache": True, "torch_dtype": dtype, **ids}
+    common = {"vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
+              "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_dim,
+              "max_position_embeddings": m.max_seq_len, "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta,
+              "rope_scaling": None, "hidden_act": "silu"}
+    tail = {"tie_word_embeddings": m.tie_embeddings, "use_cache": True, "torch_dtype": dtype, **ids}
+    if m.moe_experts:
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", **common,
+                "intermediate_size": m.moe_d_ff, "num_local_experts": m.moe_experts,
+                "num_experts_per_tok": m.moe_experts_per_token, "router_aux_loss_coef": m.moe_aux_loss_coef,
+                "router_jitter_noise": 0.0, "output_router_logits": False, "sliding_window": None,
+                "attention_dropout": 0.0, **tail}
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **common, "intermediate_size": m.d_ff,
+            "attention_bias": False, "mlp_bias": False, **tail}
 
 
 # --------------------------------------------------------------------------- RoPE row order
@@ -183,11 +206,14 @@ def unpermute(w: np.ndarray, n_heads: int) -> np.ndarray:
 class Entry:
     """One Hugging Face tensor and the Atlas param(s) it holds.
 
-    to_atlas(hf array) -> one array per path; to_hf(arrays in path order) -> the Hugging Face array."""
+    to_atlas(hf array) -> one array per path; to_hf(arrays in path order) -> the Hugging Face array.
+    expert: set for a Mixtral expert's tensor, which holds slice [expert] of a stacked [E, ...] param
+    (to_atlas and to_hf then see that slice)."""
     hf_name: str
     paths: tuple[str, ...]
     to_atlas: Callable[[np.ndarray], tuple[np.ndarray, ...]]
     to_hf: Callable[..., np.ndarray]
+    expert: int | None = None
 
 
 def _same(x):
@@ -230,10 +256,20 @@ def _entries_llama(m: ModelConfig) -> Iterator[Entry]:
                         lambda x, n=heads: unpermute(np.ascontiguousarray(x.T), n))
         yield Entry(f"{h}.self_attn.v_proj.weight", (f"{a}/attn/wv/kernel",), _t, lambda x: np.ascontiguousarray(x.T))
         yield Entry(f"{h}.self_attn.o_proj.weight", (f"{a}/attn/wo/kernel",), _t, lambda x: np.ascontiguousarray(x.T))
+        if m.is_moe_layer(i):
+            yield from _entries_moe(m, f"{h}.block_sparse_moe", f"{a}/moe")
+            continue
         for proj in ("gate", "up", "down"):
             yield Entry(f"{h}.mlp.{proj}_proj.weight", (f"{a}/mlp/w_{proj}/kernel",), _t,
                         lambda x: np.ascontiguousarray(x.T))
     yield Entry("model.norm.weight", ("final_norm/scale",), _same, lambda x: x)
+
+
+def _entries_moe(m: ModelConfig, h: str, a: str) -> Iterator[Entry]:
+    yield Entry(f"{h}.gate.weight", (f"{a}/router/kernel",), _t, lambda x: np.ascontiguousarray(x.T))
+    for e in range(m.moe_experts):
+        for w, at in (("w1", "w_gate"), ("w2", "w_down"), ("w3", "w_up")):
+            yield Entry(f"{h}.experts.{e}.{w}.weight", (f"{a}/{at}",), _t, lambda x: np.ascontiguousarray(x.T), e)
 
 
 def tensor_table(m: ModelConfig) -> list[Entry]:

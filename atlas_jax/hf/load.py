@@ -40,6 +40,7 @@ def load_hf_model(src: str | Path, on_device: bool = False) -> HFModel:
     shapes = expected_shapes(m)
     flat: dict[str, np.ndarray] = {}
     seen: set[str] = set()
+    experts: dict[str, dict[int, np.ndarray]] = {}  # a stacked MoE param's slices, stacked once all are read
     for name, f, arr in iter_tensors(files):
         key = canonical_name(name, m)
         if key in seen:
@@ -52,16 +53,23 @@ def load_hf_model(src: str | Path, on_device: bool = False) -> HFModel:
             raise HFError(f"{f}: tensor {name} is not part of a {architecture(hf, where)} that Atlas computes "
                           f"(config {where}); supported: the weights of the listed architectures, no extra options")
         for path, part in zip(entry.paths, entry.to_atlas(arr)):
-            if part.shape != shapes[path]:
+            want = shapes[path] if entry.expert is None else shapes[path][1:]
+            if part.shape != want:
                 raise HFError(f"{f}: tensor {name} has shape {list(arr.shape)}, but {where} gives "
-                              f"{list(shapes[path])} for it (as {path}); the weights and config.json disagree")
-            flat[path] = jax.device_put(part) if on_device else part
+                              f"{list(want)} for it (as {path}); the weights and config.json disagree")
+            if entry.expert is None:
+                flat[path] = jax.device_put(part) if on_device else part
+            else:
+                experts.setdefault(path, {})[entry.expert] = part
         del arr
     missing = [e.hf_name for e in table.values() if e.hf_name not in seen]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
         raise HFError(f"{model_dir}: the checkpoint lacks tensor {missing[0]}{more} that {where} needs; "
                       f"re-download the model or fix config.json")
+    for path, parts in experts.items():
+        stacked = np.stack([parts[e] for e in range(m.moe_experts)])
+        flat[path] = jax.device_put(stacked) if on_device else stacked
     return HFModel(model_dir, hf, m, nest(flat))
 
 

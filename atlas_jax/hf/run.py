@@ -97,7 +97,9 @@ def hf_tensors(params: dict, m: ModelConfig) -> list[tuple[str, Callable[[], np.
     flat = flat_paths(params)
 
     def maker(e):
-        return lambda: e.to_hf(*(np.asarray(flat[p], dtype=np.float32) for p in e.paths))
+        def part(p):  # a Mixtral expert's tensor is one slice of the stacked param
+            return np.asarray(flat[p] if e.expert is None else flat[p][e.expert], dtype=np.float32)
+        return lambda: e.to_hf(*(part(p) for p in e.paths))
 
     return [(f"transformer.{e.hf_name}" if m.arch == "gpt2" and e.hf_name != "lm_head.weight" else e.hf_name, maker(e))
             for e in tensor_table(m)]
