@@ -2,10 +2,10 @@
 
 Supported architectures (`SUPPORTED`): GPT2LMHeadModel, LlamaForCausalLM, MistralForCausalLM
 (without a sliding window), MixtralForCausalLM (an Atlas llama with every layer MoE: moe_first_layer=0,
-moe_every=1; the same routing: softmax over all experts, top k, the k weights renormalised). Anything a model of these classes can switch on that Atlas's model does
-not compute (attention or MLP biases in Llama, RoPE scaling, a head_dim other than
-hidden_size / num_attention_heads, another activation) is refused by `atlas_model_config` with one
-line naming the config key, never approximated.
+moe_every=1; the same routing: softmax over all experts, top k, the k weights renormalised).
+Anything a model of these classes can switch on that Atlas's model does not compute (attention or
+MLP biases in Llama, RoPE scaling, a head_dim other than hidden_size / num_attention_heads, another
+activation) is refused by `atlas_model_config` with one line naming the config key, never approximated.
 
 The tensor table (`tensor_table`), Hugging Face name -> Atlas param path:
 
@@ -125,7 +125,8 @@ def atlas_model_config(hf: dict, where: str = "config.json") -> ModelConfig:
         if name in ("MistralForCausalLM", "MixtralForCausalLM") and hf.get("sliding_window") not in (None, 0) \
                 and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
             raise HFError(f"{where}: sliding_window={hf['sliding_window']} is not supported (Atlas attends to "
-                          f"the whole context); a {name.removesuffix('ForCausalLM')} config with sliding_window null is")
+                          f"the whole context); a {name.removesuffix('ForCausalLM')} config with sliding_window "
+                          f"null is")
         d, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
         head_dim = hf.get("head_dim")
         if head_dim is not None and int(head_dim) * heads != d:
