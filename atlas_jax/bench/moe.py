@@ -34,7 +34,7 @@ def cmd_moe(args) -> dict:
         raise BenchError("moe: model.moe_experts=0 is the dense model; give model.moe_experts >= 1 (default 8)")
     b, t = cfg.train.batch_size, cfg.data.seq_len
     steps, warmup = args.steps or (3 if args.quick else 10), args.warmup or (1 if args.quick else 2)
-    peak, peak_src = peak_flops(args.quick)
+    peak, peak_src, _ = peak_flops(args.quick)  # the table reports no utilisation, only time
     dense = resolve(dense_twin(cfg))
     rows = {f"dense d_ff={dense.model.d_ff}": dense}
     rows.update({f"moe {impl}": resolve(dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, moe_impl=impl)))

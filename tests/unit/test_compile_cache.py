@@ -105,7 +105,7 @@ def test_dry_run_on_8_devices_divides_params_by_fsdp(tmp_path, mesh, fsdp):
                      {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _report(proc.stdout)
-    assert f"mesh {{'data': {8 // fsdp}, 'fsdp': {fsdp}}}" in proc.stdout, proc.stdout
+    assert f"mesh {{'data': {8 // fsdp}, 'fsdp': {fsdp}, 'expert': 1}}" in proc.stdout, proc.stdout
     assert rows["parameters"] == _sharded_bytes(fsdp), proc.stdout
     assert rows["parameters"] * 2 <= rows["optimizer state"] < rows["parameters"] * 2 + 1024, proc.stdout
     assert rows["total"] == rows["XLA arguments"] + rows["XLA outputs"] - rows["XLA aliased"] + rows["XLA temporaries"]

@@ -111,18 +111,16 @@ print(json.dumps({"chat_format": llm.chat_format, "ids": ids}))
 def _check_chat_template_travels(run: Path, tmp_path: Path) -> None:
     """The run's template reaches GGUF (llama.cpp's chat completion renders it into the same prompt
     tokens generate --chat uses) and the Hugging Face export (apply_chat_template: the same text)."""
-    import argparse
 
     import transformers
 
-    from atlas_jax.generate import Session
+    from atlas_jax.generate import Session, parse_args
 
     gguf_path = tmp_path / "sft.gguf"
     r = subprocess.run([sys.executable, "-m", "atlas_jax.export.to_gguf", str(run), "--out", str(gguf_path)],
                        capture_output=True, text=True, cwd=REPO, timeout=300)
     assert r.returncode == 0, r.stderr
-    args = argparse.Namespace(checkpoint=str(run), chat=True, chat_template=None, max_new_tokens=None, temperature=None,
-                              top_k=None, top_p=None, seed=None, num_samples=1)
+    args = parse_args(["--checkpoint", str(run), "--chat"])  # generate's own defaults
     atlas_ids = Session(args).encode(CHAT_PROMPT)
     r = subprocess.run([sys.executable, "-c", LLAMACPP_CHAT, str(gguf_path), CHAT_PROMPT], capture_output=True,
                        text=True, timeout=120)

@@ -186,7 +186,7 @@ def test_streaming_errors_are_one_line_with_the_fix(params):
     with pytest.raises(AtlasError, match=r"prompt of 20 token\(s\) is longer than sample.window=16"):
         sample.generate(params, [PROMPTS[2]], jax.random.key(0), dataclasses.replace(SAMPLING, window=16), CFG)
     gpt2 = resolve_model(ModelConfig(arch="gpt2", vocab_size=64, d_model=32, n_layers=1, n_heads=4, max_seq_len=64))
-    with pytest.raises(ConfigError, match="sample.window with model.arch=gpt2: learned positions"):
+    with pytest.raises(ConfigError, match="sample.window with model.positions=learned: a cached key cannot move"):
         sample.generate(None, [[1]], jax.random.key(0), dataclasses.replace(SAMPLING, window=16), gpt2)
 
 
