@@ -94,6 +94,7 @@ class Policy:
         import jax
 
         from atlas_jax.checkpoint import find_checkpoint
+        from atlas_jax.eval.tasks import reply_stops
         from atlas_jax.finetune.templates import run_template
         from atlas_jax.init_from import load_model
         from atlas_jax.tokenizer import Tokenizer
@@ -104,7 +105,7 @@ class Policy:
         self.template = run_template(find_checkpoint(run)[0]) if chat else None
         if chat and self.template is None:
             raise PipelineError(f"{run}: no chat template in the run; was it trained with train.objective=sft?")
-        self.stops = [self.template.end_of_turn()] if chat and self.template.end_of_turn() else []
+        self.stops = reply_stops(self.template)
 
     def prompt_text(self, question: str) -> str:
         if self.template is None:
@@ -243,10 +244,10 @@ def run(p: Pipeline) -> dict:
     base_cfg["data"].update(seq_len=64, tokenizer=str(tokenizer))
     base_cfg["model"] = dict(MODEL)
     base = p.train("base", base_cfg)
-    sft = p.train("sft", _train_config(out / "sft", [str(data / "sft.jsonl")], s["sft_steps"], 5e-4,
-                                        objective="sft", init_from=f"run:{base}", seed=p.seed)
-                  | {"data": {"sources": [str(data / "sft.jsonl")], "seq_len": 96, "val_fraction": 0.02,
-                              "chat_template": "chatml", "pack": True}})
+    sft_cfg = _train_config(out / "sft", [str(data / "sft.jsonl")], s["sft_steps"], 5e-4, objective="sft",
+                            init_from=f"run:{base}", seed=p.seed)
+    sft_cfg["data"].update(chat_template="chatml", pack=True)
+    sft = p.train("sft", sft_cfg)
 
     # the SFT model's own samples on train problems: DPO pairs and the verifier's labelled examples
     sft_policy = Policy(sft, chat=True)

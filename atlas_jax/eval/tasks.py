@@ -96,6 +96,13 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def reply_stops(template) -> list[str]:
+    """Where a generated chat reply ends: the template's end-of-turn text (chatml: <|im_end|>), which is
+    not part of the answer; nothing for plain prompts (template None)."""
+    end = template.end_of_turn() if template is not None else ""
+    return [end] if end else []
+
+
 class AtlasGenerator:
     """Completions from an Atlas model (params, resolved Config, Tokenizer, chat template or None)."""
 
@@ -106,8 +113,7 @@ class AtlasGenerator:
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.template = template
-        # a chat reply ends at the template's end-of-turn text (chatml: <|im_end|>), which is not the answer
-        self.stops = [template.end_of_turn()] if template is not None and template.end_of_turn() else []
+        self.stops = reply_stops(template)
 
     def encode(self, prompt: str) -> list[int]:
         if self.template is None:
