@@ -81,6 +81,11 @@ class ModelConfig:
     # auto (grouped on CPU, ragged elsewhere) | grouped (block-grouped matmuls, fastest measured on
     # CPU) | ragged (jax.lax.ragged_dot) | dense (every expert over every token)
     moe_impl: str = "auto"
+    # Expert parallelism (a train.mesh expert axis P > 1: tokens travel to their experts' devices by
+    # all_to_all). 0 = dropless (each device's buffer for each other device holds all its N*K
+    # assignments); > 0: that buffer holds ceil(factor * N*K / P) rows and the assignments past it are
+    # dropped (counted in the moe_dropped metric), as Switch/GShard's capacity factor.
+    moe_capacity_factor: float = 0.0
     # Attention sinks (docs/streaming.md). sink_logits: a learned logit per head (layers_i/attn/sink [H])
     # joins each query row's softmax as an extra column that is then dropped (gpt-oss); einsum
     # attention only. sink_tokens: n learned vectors (sink/embedding [n, D]) prepended to every
@@ -440,7 +445,8 @@ def validate_moe(m: ModelConfig) -> None:
     _choice(m.moe_impl, MOE_IMPLS, "model.moe_impl")
     _check_positive({"model.moe_experts": m.moe_experts, "model.moe_first_layer": m.moe_first_layer,
                      "model.moe_aux_loss_coef": m.moe_aux_loss_coef,
-                     "model.moe_z_loss_coef": m.moe_z_loss_coef}, strict=False)
+                     "model.moe_z_loss_coef": m.moe_z_loss_coef,
+                     "model.moe_capacity_factor": m.moe_capacity_factor}, strict=False)
     if m.moe_experts == 0:
         return
     _check_positive({"model.moe_experts_per_token": m.moe_experts_per_token, "model.moe_every": m.moe_every,
@@ -581,6 +587,10 @@ def validate(cfg: Config) -> None:
             f"train.mesh={t.mesh}: expected [data, fsdp] or [data, fsdp, expert] with positive sizes and at "
             f"most one -1, e.g. [-1, 1]")
     validate_expert_axis(m.moe_experts, t.mesh[2] if len(t.mesh) == 3 else 1)
+    if m.moe_capacity_factor > 0 and (len(t.mesh) < 3 or t.mesh[2] == 1):
+        raise ConfigError(f"model.moe_capacity_factor={m.moe_capacity_factor} applies to expert parallelism only "
+                          f"(train.mesh [data, fsdp, expert] with expert > 1); set model.moe_capacity_factor=0 "
+                          f"(dropless) or give train.mesh an expert axis")
     if not 0.0 < s.top_p <= 1.0:
         raise ConfigError(f"sample.top_p must be in (0, 1], got {s.top_p}")
     validate_sample_window(s, m)

@@ -69,7 +69,7 @@ import numpy as np
 from atlas_jax.config import ModelConfig
 from atlas_jax.kernels import (einsum_attention, einsum_attention_with_probs, from_grouped, grouped_attention,
                                rowmajor_grad_dot_general, to_grouped)
-from atlas_jax.moe import EXPERT_IMPLS, load_balance_loss, route, router_z_loss
+from atlas_jax.moe import EXPERT_IMPLS, experts_all_to_all, load_balance_loss, route, router_z_loss
 
 Array = jax.Array
 PyTree = Any
@@ -324,8 +324,37 @@ class MoE(nn.Module):
         w_gate = self.param("w_gate", _normal(0.02), (e, d, f), pd).astype(cd)
         w_up = self.param("w_up", _normal(0.02), (e, d, f), pd).astype(cd)
         w_down = self.param("w_down", _normal(out_std), (e, f, d), pd).astype(cd)
-        out_NxD = EXPERT_IMPLS[moe_impl(c)](x_NxD, weights_NxK, experts_NxK, w_gate, w_up, w_down)
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.empty and dict(mesh.shape).get("expert", 1) > 1:
+            out_NxD, dropped = expert_parallel(c, mesh, x_NxD, weights_NxK, experts_NxK, w_gate, w_up, w_down)
+            self.sow(MOE_AUX, "dropped", dropped)
+        else:
+            out_NxD = EXPERT_IMPLS[moe_impl(c)](x_NxD, weights_NxK, experts_NxK, w_gate, w_up, w_down)
         return out_NxD.reshape(b, t, d)
+
+
+def expert_parallel(c: ModelConfig, mesh, x_NxD, weights_NxK, experts_NxK, w_gate, w_up, w_down):
+    """The MoE expert compute with the experts split over the mesh's expert axis (P devices) and the
+    tokens over all its batch axes: `moe.experts_all_to_all` per device in a shard_map (the step is
+    traced under the mesh: train_step.under_mesh). -> (out_NxD, the fraction of assignments dropped)."""
+    from jax.sharding import PartitionSpec as P
+
+    from atlas_jax.sharding import BATCH_AXES
+
+    n_dev = dict(mesh.shape)["expert"]
+    n_local = x_NxD.shape[0] // math.prod(dict(mesh.shape)[a] for a in BATCH_AXES)
+    a_local = n_local * c.moe_experts_per_token
+    capacity = (None if c.moe_capacity_factor <= 0
+                else min(a_local, max(1, math.ceil(c.moe_capacity_factor * a_local / n_dev))))
+    impl = moe_impl(c)
+
+    def per_device(x, w, e, wg, wu, wd):
+        out, dropped = experts_all_to_all(x, w, e, wg, wu, wd, impl, "expert", capacity)
+        return out, jax.lax.psum(dropped, BATCH_AXES) / (a_local * math.prod(dict(mesh.shape).values()))
+
+    tokens, experts = P(BATCH_AXES), P("expert")
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(tokens, tokens, tokens, experts, experts, experts),
+                         out_specs=(tokens, P()))(x_NxD, weights_NxK, experts_NxK, w_gate, w_up, w_down)
 
 
 class Block(nn.Module):
@@ -549,6 +578,10 @@ def loss_terms(params: PyTree, cfg: ModelConfig, tokens_BxT: Array, targets_BxT:
         values = [v for path, v in jax.tree_util.tree_flatten_with_path(sown[MOE_AUX])[0]
                   if any(getattr(p, "key", None) == key for p in path)]
         terms[name] = jnp.mean(jnp.stack(values))
+    dropped = [v for path, v in jax.tree_util.tree_flatten_with_path(sown[MOE_AUX])[0]
+               if any(getattr(p, "key", None) == "dropped" for p in path)]
+    if dropped:  # expert parallelism with a capacity: the fraction of assignments dropped, over the MoE layers
+        terms["moe_dropped"] = jnp.mean(jnp.stack(dropped))
     return terms
 
 

@@ -14,6 +14,12 @@ Two implementations of the expert compute, the same math (tests/parity holds bot
 `model.moe_impl=auto` picks by backend (`moe_impl` in model.py) from the CPU measurement in
 scripts/moe_bench.py.
 
+Expert parallelism (`experts_all_to_all`, a train.mesh expert axis > 1): each device routes its own
+tokens, sends every assignment's hidden state to the device holding its expert by all_to_all, runs
+its E/P experts over what it received (`EXPERT_ROWS`, the same implementations over rows) and sends
+the outputs back. Dropless by default (buffers sized for the worst case: P times each device's
+assignments); `model.moe_capacity_factor` bounds them as Switch/GShard do and drops the overflow.
+
 Auxiliary losses (averaged over the MoE layers by the model, added to the loss with
 `model.moe_aux_loss_coef` and `model.moe_z_loss_coef`):
 
@@ -91,31 +97,49 @@ def grouped_block(n_assignments: int, n_experts: int) -> int:
     return int(min(max(1 << (mean.bit_length() - 1), 8), 128))
 
 
-def experts_grouped(x_NxD: Array, weights_NxK: Array, experts_NxK: Array,
-                    w_gate_ExDxF: Array, w_up_ExDxF: Array, w_down_ExFxD: Array, block: int | None = None) -> Array:
-    """sum_k w_k * SwiGLU_{e_k}(x) as block-grouped matmuls: each expert's sorted assignments are
-    padded to a multiple of `block` rows, so every block of rows belongs to one expert and the
-    product is a batched matmul of [block, D] blocks with their expert's gathered weights (at most
-    N*K/block + E blocks, a static bound; spare blocks hold zeros) -> out_NxD."""
-    n, k = experts_NxK.shape
+def rows_grouped(x_SxD: Array, source_R: Array, expert_R: Array,
+                 w_gate_ExDxF: Array, w_up_ExDxF: Array, w_down_ExFxD: Array, block: int | None = None) -> Array:
+    """SwiGLU_{expert_R[r]}(x_SxD[source_R[r]]) for each of R rows, as block-grouped matmuls: the rows
+    sorted by expert and each expert's rows padded to a multiple of `block`, so every block of rows
+    belongs to one expert and the product is a batched matmul of [block, D] blocks with their
+    expert's gathered weights (at most R/block + E blocks, a static bound; spare blocks hold zeros).
+    A row whose expert is E (out of range) is not computed and comes back as zeros -> y_RxD."""
+    r = expert_R.shape[0]
     n_experts, d = w_gate_ExDxF.shape[:2]
-    a = n * k
-    block = block or grouped_block(a, n_experts)
-    order_A, rank_A, sizes_E, sorted_expert_A = _sort_by_expert(experts_NxK, n_experts)
+    s = x_SxD.shape[0]
+    block = block or grouped_block(r, n_experts)
+    order_R = jnp.argsort(expert_R, stable=True)
+    rank_R = jnp.zeros_like(order_R).at[order_R].set(jnp.arange(r, dtype=order_R.dtype))
+    sorted_expert_R = expert_R[order_R]
+    sizes_E = jnp.zeros((n_experts,), jnp.int32).at[expert_R].add(1, mode="drop")
     padded_E = (sizes_E + block - 1) // block * block
     padded_end_E = jnp.cumsum(padded_E)
     group_start_E = jnp.cumsum(sizes_E) - sizes_E
-    # The padded row of each sorted assignment: its expert's padded start + its rank in the group.
-    row_sorted_A = (padded_end_E - padded_E)[sorted_expert_A] + jnp.arange(a) - group_start_E[sorted_expert_A]
-    n_blocks = min((a + n_experts * (block - 1)) // block, n_experts * -(-a // block))
-    # Each padded row's source token (n: the zero row appended below), each block's expert.
-    source_R = jnp.full((n_blocks * block,), n, jnp.int32).at[row_sorted_A].set((order_A // k).astype(jnp.int32))
+    n_blocks = min((r + n_experts * (block - 1)) // block, n_experts * -(-r // block))
+    # The padded row of each sorted row: its expert's padded start + its rank in the group; rows of
+    # expert E go to the zero row past the blocks.
+    valid_R = sorted_expert_R < n_experts
+    e_R = jnp.minimum(sorted_expert_R, n_experts - 1)
+    row_sorted_R = jnp.where(valid_R, (padded_end_E - padded_E)[e_R] + jnp.arange(r) - group_start_E[e_R],
+                             n_blocks * block)
+    # Each padded row's source (s: the zero row appended below), each block's expert.
+    source_P = jnp.full((n_blocks * block,), s, jnp.int32).at[row_sorted_R].set(
+        source_R[order_R].astype(jnp.int32), mode="drop")
     expert_B = jnp.minimum(jnp.searchsorted(padded_end_E, jnp.arange(n_blocks) * block, side="right"), n_experts - 1)
-    x_BxbxD = jnp.concatenate([x_NxD, jnp.zeros((1, d), x_NxD.dtype)])[source_R].reshape(n_blocks, block, d)
+    x_BxbxD = jnp.concatenate([x_SxD, jnp.zeros((1, d), x_SxD.dtype)])[source_P].reshape(n_blocks, block, d)
     gate = jnp.einsum("bnd,bdf->bnf", x_BxbxD, w_gate_ExDxF[expert_B])
     up = jnp.einsum("bnd,bdf->bnf", x_BxbxD, w_up_ExDxF[expert_B])
     y_BxbxD = jnp.einsum("bnf,bfd->bnd", _swiglu(gate, up), w_down_ExFxD[expert_B])
-    y_AxD = y_BxbxD.reshape(n_blocks * block, d)[row_sorted_A[rank_A]]
+    y_PxD = jnp.concatenate([y_BxbxD.reshape(n_blocks * block, d), jnp.zeros((1, d), y_BxbxD.dtype)])
+    return y_PxD[row_sorted_R[rank_R]]
+
+
+def experts_grouped(x_NxD: Array, weights_NxK: Array, experts_NxK: Array,
+                    w_gate_ExDxF: Array, w_up_ExDxF: Array, w_down_ExFxD: Array, block: int | None = None) -> Array:
+    """sum_k w_k * SwiGLU_{e_k}(x) with the N*K (token, expert) assignments as `rows_grouped` rows -> out_NxD."""
+    n, k = experts_NxK.shape
+    source_A = jnp.arange(n * k, dtype=jnp.int32) // k
+    y_AxD = rows_grouped(x_NxD, source_A, experts_NxK.reshape(-1), w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, block)
     return _combine(y_AxD, weights_NxK).astype(x_NxD.dtype)
 
 
@@ -129,6 +153,79 @@ def experts_dense(x_NxD: Array, weights_NxK: Array, experts_NxK: Array,
     up = jnp.einsum("nd,edf->enf", x_NxD, w_up_ExDxF)
     y_ExNxD = jnp.einsum("enf,efd->end", _swiglu(gate, up), w_down_ExFxD)
     return jnp.einsum("end,ne->nd", y_ExNxD.astype(jnp.float32), combine_NxE).astype(x_NxD.dtype)
+
+
+def rows_ragged(x_SxD: Array, source_R: Array, expert_R: Array,
+                w_gate_ExDxF: Array, w_up_ExDxF: Array, w_down_ExFxD: Array) -> Array:
+    """`rows_grouped`'s rows as three `lax.ragged_dot`s over the rows sorted by expert; rows of expert E
+    (out of range) sort last, outside every group, and come back as zeros -> y_RxD."""
+    n_experts = w_gate_ExDxF.shape[0]
+    order_R = jnp.argsort(expert_R, stable=True)
+    rank_R = jnp.zeros_like(order_R).at[order_R].set(jnp.arange(order_R.shape[0], dtype=order_R.dtype))
+    sizes_E = jnp.zeros((n_experts,), jnp.int32).at[expert_R].add(1, mode="drop")
+    x_RxD = x_SxD[source_R[order_R]]
+    gate = jax.lax.ragged_dot(x_RxD, w_gate_ExDxF, sizes_E)
+    up = jax.lax.ragged_dot(x_RxD, w_up_ExDxF, sizes_E)
+    y_RxD = jax.lax.ragged_dot(_swiglu(gate, up), w_down_ExFxD, sizes_E)
+    return jnp.where((expert_R < n_experts)[:, None], y_RxD[rank_R], 0)
+
+
+def rows_dense(x_SxD: Array, source_R: Array, expert_R: Array,
+               w_gate_ExDxF: Array, w_up_ExDxF: Array, w_down_ExFxD: Array) -> Array:
+    """`rows_grouped`'s rows with every expert over every row, each row keeping its own expert's
+    output (none for expert E) -> y_RxD."""
+    n_experts = w_gate_ExDxF.shape[0]
+    x_RxD = x_SxD[source_R]
+    gate = jnp.einsum("rd,edf->erf", x_RxD, w_gate_ExDxF)
+    up = jnp.einsum("rd,edf->erf", x_RxD, w_up_ExDxF)
+    y_ExRxD = jnp.einsum("erf,efd->erd", _swiglu(gate, up), w_down_ExFxD)
+    pick_RxE = jax.nn.one_hot(expert_R, n_experts, dtype=y_ExRxD.dtype)
+    return jnp.einsum("erd,re->rd", y_ExRxD, pick_RxE)
+
+
+EXPERT_ROWS = {"ragged": rows_ragged, "grouped": rows_grouped, "dense": rows_dense}
+
+
+def experts_all_to_all(x_NxD: Array, weights_NxK: Array, experts_NxK: Array,
+                       w_gate_ExDxF: Array, w_up_ExDxF: Array, w_down_ExFxD: Array, impl: str,
+                       axis: str = "expert", capacity: int | None = None) -> tuple[Array, Array]:
+    """Expert parallelism, run per device inside a shard_map over the mesh axis `axis` (size P): this
+    device's N tokens, their routing over all E experts, and its own E/P experts (w_* [E/P, ...];
+    device j holds experts j*E/P ... (j+1)*E/P - 1).
+
+    Each of the N*K assignments goes to the device holding its expert: the assignments are sorted by
+    expert and packed into a [P, C, D] send buffer (row p for device p), one `all_to_all` delivers
+    them, the device runs its experts over the [P*C] received rows (`EXPERT_ROWS[impl]`), a second
+    `all_to_all` returns the outputs to the tokens' devices, which combine them with the routing
+    weights. C = capacity (per pair of devices); None is dropless (C = N*K: every assignment fits,
+    however unbalanced the router). Assignments past C are dropped (they add nothing; the token
+    keeps its residual), lowest expert ids first in each device's share, then token order.
+    -> (out_NxD, the number of dropped assignments on this device)."""
+    n_dev = jax.lax.axis_size(axis)
+    n, k = experts_NxK.shape
+    d = x_NxD.shape[-1]
+    a = n * k
+    local = w_gate_ExDxF.shape[0]
+    c = a if capacity is None else capacity
+    expert_A = experts_NxK.reshape(-1)
+    dest_A = expert_A // local
+    order_A = jnp.argsort(expert_A, stable=True)
+    counts_P = jnp.zeros((n_dev,), jnp.int32).at[dest_A].add(1)
+    start_P = jnp.cumsum(counts_P) - counts_P
+    pos_A = jnp.zeros((a,), jnp.int32).at[order_A].set(
+        jnp.arange(a, dtype=jnp.int32) - start_P[dest_A[order_A]])
+    send_x = jnp.zeros((n_dev, c, d), x_NxD.dtype).at[dest_A, pos_A].set(
+        x_NxD[jnp.arange(a) // k], mode="drop")
+    send_e = jnp.full((n_dev, c), local, jnp.int32).at[dest_A, pos_A].set(expert_A % local, mode="drop")
+    recv_x = jax.lax.all_to_all(send_x, axis, 0, 0)
+    recv_e = jax.lax.all_to_all(send_e, axis, 0, 0)
+    rows = n_dev * c
+    y_RxD = EXPERT_ROWS[impl](recv_x.reshape(rows, d), jnp.arange(rows), recv_e.reshape(rows),
+                              w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD)
+    back = jax.lax.all_to_all(y_RxD.reshape(n_dev, c, d), axis, 0, 0)
+    kept_A = pos_A < c
+    y_AxD = jnp.where(kept_A[:, None], back[dest_A, jnp.minimum(pos_A, c - 1)], 0)
+    return _combine(y_AxD, weights_NxK).astype(x_NxD.dtype), jnp.sum(~kept_A)
 
 
 EXPERT_IMPLS = {"ragged": experts_ragged, "grouped": experts_grouped, "dense": experts_dense}

@@ -5,7 +5,8 @@
   its largest dimension that the fsdp size divides (arrays with none stay replicated).
 - The stacked expert tensors of a MoE layer (`.../moe/w_gate|w_up|w_down`, [E, ...]) and their
   optimizer state are split along E over the expert axis (each device holds E/expert experts; fsdp
-  splits one of their other dimensions); XLA inserts the exchange of tokens between devices.
+  splits one of their other dimensions). The MoE layers exchange tokens: each token's hidden state
+  goes to the devices of its experts and back by all_to_all (model.expert_parallel, moe.experts_all_to_all).
 - Multi-host: `maybe_initialize_distributed` calls `jax.distributed.initialize`; each process
   builds its rows of the global batch and `global_batch` assembles the global array.
 """

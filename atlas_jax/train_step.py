@@ -19,6 +19,8 @@ make_train_step / make_eval_step (`base=`), never donated, never updated.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable
 
 import jax
@@ -160,6 +162,20 @@ class Bound:
         return self.jitted.lower(x, batch, self.base)
 
 
+def under_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """fn traced with `mesh` as the abstract mesh, where the mesh has an expert axis: the MoE layers
+    read it (model.expert_parallel) and exchange tokens by all_to_all instead of gathering experts."""
+    if mesh.shape["expert"] == 1:
+        return fn
+
+    @functools.wraps(fn)
+    def traced(*args):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args)
+
+    return traced
+
+
 def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree, base: PyTree | None = None,
                     base_shardings: PyTree | None = None) -> Callable:
     """The jitted (state, batch) -> (state, metrics). LoRA: `base` (the frozen params, in
@@ -231,7 +247,7 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree, base: PyTree | N
                    "skipped": (~ok).astype(jnp.int32), "bad_steps": new_state["bad_steps"]}
         return new_state, metrics
 
-    jitted = jax.jit(step, in_shardings=(shardings, batch_sharding(mesh), base_shardings),
+    jitted = jax.jit(under_mesh(step, mesh), in_shardings=(shardings, batch_sharding(mesh), base_shardings),
                      out_shardings=(shardings, replicated(mesh)), donate_argnums=(0,))
     return Bound(jitted, base)
 
@@ -289,7 +305,7 @@ def make_eval_step(cfg: Config, mesh: Mesh, param_shardings: PyTree, base: PyTre
         totals = jax.lax.map(lambda mb: nll(params, mb), micro)
         return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), totals)
 
-    jitted = jax.jit(evaluate, in_shardings=(param_shardings, batch_sharding(mesh), base_shardings),
+    jitted = jax.jit(under_mesh(evaluate, mesh), in_shardings=(param_shardings, batch_sharding(mesh), base_shardings),
                      out_shardings=replicated(mesh))
     return Bound(jitted, base)
 
@@ -304,5 +320,6 @@ def make_reference_logps(cfg: Config, mesh: Mesh, base: PyTree, base_shardings: 
         return tuple(sequence_logps(model.apply({"params": base}, batch[f"{k}_inputs"]), batch[f"{k}_targets"],
                                     batch[f"{k}_weights"]) for k in ("chosen", "rejected"))
 
-    jitted = jax.jit(logps, in_shardings=(batch_sharding(mesh), base_shardings), out_shardings=replicated(mesh))
+    jitted = jax.jit(under_mesh(logps, mesh), in_shardings=(batch_sharding(mesh), base_shardings),
+                     out_shardings=replicated(mesh))
     return lambda batch: jitted(batch, base)

@@ -55,6 +55,13 @@ class RefConfig:
     moe_d_ff: int | None = None  # None -> d_ff
     moe_aux_loss_coef: float = 0.0
     moe_z_loss_coef: float = 0.0
+    # Expert parallelism's capacity (Atlas' model.moe_capacity_factor > 0 on a train.mesh expert axis):
+    # the N tokens are split into moe_token_groups equal, contiguous groups (one per device) and each
+    # group sends at most ceil(factor * group assignments / moe_expert_devices) of its assignments to
+    # each of the moe_expert_devices devices holding E/moe_expert_devices experts; the rest are dropped.
+    moe_capacity_factor: float = 0.0
+    moe_token_groups: int = 1
+    moe_expert_devices: int = 1
     # Architecture options, None -> the family's: llama rope/rms/swiglu, gpt2 learned/layer/gelu (arch decides biases).
     positions: str | None = None  # rope | learned | none
     norm: str | None = None  # rms | layer
@@ -190,7 +197,7 @@ class MoE(nn.Module):
     def __init__(self, cfg: RefConfig):
         super().__init__()
         e, d, f = cfg.moe_experts, cfg.d_model, cfg.moe_d_ff or cfg.d_ff
-        self.k = cfg.moe_experts_per_token
+        self.cfg, self.k = cfg, cfg.moe_experts_per_token
         self.router = nn.Linear(d, e, bias=False)
         self.w_gate = nn.Parameter(torch.empty(e, d, f))
         self.w_up = nn.Parameter(torch.empty(e, d, f))
@@ -207,8 +214,9 @@ class MoE(nn.Module):
         top_NxK, experts_NxK = torch.topk(probs_NxE, self.k, dim=-1)
         weights_NxK = top_NxK / top_NxK.sum(dim=-1, keepdim=True)
         out_NxD = torch.zeros_like(x_NxD)
+        kept_NxK = self.capacity_kept(experts_NxK)
         for e in range(self.w_gate.shape[0]):
-            token, slot = torch.where(experts_NxK == e)
+            token, slot = torch.where((experts_NxK == e) & kept_NxK)
             if token.numel() == 0:
                 continue
             xe = x_NxD[token]
@@ -219,6 +227,29 @@ class MoE(nn.Module):
         self.aux = {"load_balance": n_experts * (fraction_E * probs_NxE.mean(dim=0)).sum(),
                     "router_z": torch.logsumexp(logits_NxE, dim=-1).pow(2).mean()}
         return out_NxD.reshape(b, t, d)
+
+    def capacity_kept(self, experts_NxK: torch.Tensor) -> torch.Tensor:
+        """Which assignments fit their device's capacity (all of them without a capacity factor): in each
+        token group, the assignments bound for one device are taken by expert id, then token order."""
+        cfg = self.cfg
+        kept_NxK = torch.ones_like(experts_NxK, dtype=torch.bool)
+        if cfg.moe_capacity_factor <= 0:
+            return kept_NxK
+        n, k = experts_NxK.shape
+        per_group, n_dev = n // cfg.moe_token_groups, cfg.moe_expert_devices
+        local = cfg.moe_experts // n_dev
+        a = per_group * k
+        capacity = min(a, max(1, math.ceil(cfg.moe_capacity_factor * a / n_dev)))
+        for g in range(cfg.moe_token_groups):
+            expert_A = experts_NxK[g * per_group:(g + 1) * per_group].reshape(-1)
+            dest_A = expert_A // local
+            rank_A = torch.empty_like(expert_A)
+            for dev in range(n_dev):
+                mine = torch.where(dest_A == dev)[0]
+                by_expert = mine[torch.argsort(expert_A[mine] * a + mine)]  # expert id, then token order
+                rank_A[by_expert] = torch.arange(len(by_expert))
+            kept_NxK[g * per_group:(g + 1) * per_group] = (rank_A < capacity).reshape(per_group, k)
+        return kept_NxK
 
 
 class Block(nn.Module):

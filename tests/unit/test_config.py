@@ -197,6 +197,11 @@ BAD_OVERRIDES = {  # id: (overrides, words the one-line message must contain)
                                           "divides 6"]),
     "expert-axis-on-a-dense-model": (["train.mesh=[1, 1, 2]"], ["train.mesh expert axis 2", "model.moe_experts=0",
                                                                  "2-entry train.mesh"]),
+    "negative-capacity-factor": (["model.moe_experts=4", "model.moe_capacity_factor=-1"],
+                                 ["model.moe_capacity_factor", ">= 0"]),
+    "capacity-factor-without-expert-axis": (["model.moe_experts=4", "model.moe_capacity_factor=1.25"],
+                                            ["model.moe_capacity_factor=1.25 applies to expert parallelism only",
+                                             "model.moe_capacity_factor=0"]),
     "mesh-four-entries": (["train.mesh=[1, 1, 1, 1]"], ["train.mesh=[1, 1, 1, 1]", "[data, fsdp, expert]"]),
 }
 
