@@ -113,11 +113,11 @@ class Session:
     def __init__(self, args: argparse.Namespace):
         from atlas_jax.init_from import load_model
         from atlas_jax.config import validate_sample_window
-        from atlas_jax.sample import check_sample_config
+        from atlas_jax.sample import check_sample_config, device_put_leafwise
         from atlas_jax.tokenizer import Tokenizer
 
         params, cfg, tokenizer_path = load_model(args.checkpoint)  # LoRA runs: merged
-        self.params = jax.device_put(params)
+        self.params = device_put_leafwise(params)  # one copy of the weights at the peak, not two
         self.model_cfg = cfg.model
         self.tokenizer = Tokenizer.load(tokenizer_path)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:  # fewer: a padded embedding (rows never emitted)

@@ -11,36 +11,58 @@ from pathlib import Path
 import numpy as np
 
 from atlas_jax.bench.common import (BenchError, bench_config, cores, flat_params, in_child, load_avg, log,
-                                    model_summary, nested_params, record_memory, rss_mib)
+                                    model_summary, record_memory, rss_mib)
 
 
 def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], batches: list[int],
                      new_tokens: int, reps: int) -> dict:
-    """Greedy `sample.generate` per batch size, and its prefill alone (the same shapes, jitted)."""
+    """Greedy `sample.generate` per batch size, and its prefill alone (the same shapes, jitted). As a
+    user's process should: every program compiled from the params' shapes before any weight is
+    loaded (`sample.compile_generate`), then the weights read one tensor at a time onto the device."""
     import jax
-    import jax.numpy as jnp
 
     from atlas_jax.config import ModelConfig, SampleConfig
-    from atlas_jax.model import Transformer, init_cache
-    from atlas_jax.sample import cache_length, generate, prompt_bucket
+    from atlas_jax.model import Transformer, init_cache, init_params
+    from atlas_jax.sample import cache_length, compile_generate, prompt_bucket, release_host_memory
 
     rss0 = rss_mib()
     cfg = ModelConfig(**model_cfg)
-    params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, nested_params(params_in)))
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
     sample_cfg = SampleConfig(temperature=0.0, max_new_tokens=new_tokens)
     p = len(prompts[0])
     bucket = prompt_bucket(p, cfg.max_seq_len)
     cache_len = cache_length(bucket, new_tokens)
 
-    @jax.jit
     def prefill(params, tokens_BxP, positions_BxP):
         cache = init_cache(cfg, tokens_BxP.shape[0], cache_len)
         logits, _ = Transformer(cfg).apply({"params": params}, tokens_BxP, positions_BxP, cache,
                                            method=Transformer.decode)
         return logits[:, -1]
 
+    programs = {}
+    for b in batches:
+        rows = prompts[:b]
+        tokens = np.zeros((b, bucket), np.int32)  # left-padded as sample.generate pads them
+        positions = np.full((b, bucket), -1, np.int32)
+        tokens[:, bucket - p:] = rows
+        positions[:, bucket - p:] = np.arange(p)
+        run = compile_generate(shapes, rows, jax.random.key(0), sample_cfg, cfg)
+        pre = jax.jit(prefill).lower(shapes, tokens, positions).compile()
+        programs[b] = (run, lambda params, pre=pre, tokens=tokens, positions=positions: pre(params, tokens, positions))
+    release_host_memory()
+    rss_compiled = rss_mib()
+    params = {}
+    with np.load(params_in) as z:  # one tensor at a time: never a second host copy of the weights
+        for name in z.files:
+            node = params
+            *parents, leaf = name.split("/")
+            for q in parents:
+                node = node.setdefault(q, {})
+            node[leaf] = jax.block_until_ready(jax.device_put(z[name]))
+            release_host_memory()
+
     def timed(fn, *args):
-        jax.block_until_ready(fn(*args))  # compile
+        jax.block_until_ready(fn(*args))  # warm-up (compiled already)
         ts = []
         for _ in range(reps):
             t = time.perf_counter()
@@ -50,19 +72,16 @@ def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], 
 
     out = {}
     for b in batches:
-        rows = prompts[:b]
-        tokens = np.zeros((b, bucket), np.int32)  # left-padded as sample.generate pads them
-        positions = np.full((b, bucket), -1, np.int32)
-        tokens[:, bucket - p:] = rows
-        positions[:, bucket - p:] = np.arange(p)
-        t_gen, (toks, _) = timed(lambda: generate(params, rows, jax.random.key(0), sample_cfg, cfg))
-        t_pre, _ = timed(prefill, params, tokens, positions)
+        run, pre = programs[b]
+        t_gen, (toks, _) = timed(run, params)
+        t_pre, _ = timed(pre, params)
         t_dec = max(t_gen - t_pre, 1e-9)
         out[f"batch_{b}"] = {"prefill_tokens_per_s": b * p / t_pre, "decode_tokens_per_s": b * new_tokens / t_dec,
                              "generate_s": t_gen, "prefill_s": t_pre,
                              "greedy_row0": np.asarray(toks)[0].tolist()}
     stats = jax.devices()[0].memory_stats() or {}
-    return record_memory({"results": out, "device": jax.devices()[0].device_kind}, rss0, stats.get("peak_bytes_in_use"))
+    return record_memory({"results": out, "device": jax.devices()[0].device_kind,
+                          "rss_compiled_mib": round(rss_compiled, 1)}, rss0, stats.get("peak_bytes_in_use"))
 
 
 def decode_llamacpp(path: str, prompts: list[list[int]], batches: list[int], new_tokens: int, reps: int,
@@ -206,8 +225,8 @@ def cmd_decode(args) -> dict:
                    "batches": batches, "reps": reps, "llamacpp_threads": threads,
                    "load_avg_start": load_avg(), "frameworks": {}}
         log(f"decode: {source or 'flags'}, prompt {p} + {new} new tokens, batches {batches}, greedy")
-        res = in_child(decode_atlas_jax, params_in=str(tmp / "params.npz"), model_cfg=dataclasses.asdict(m),
-                       prompts=prompts, batches=batches, new_tokens=new, reps=reps)
+        res = _per_batch_children(decode_atlas_jax, batches, params_in=str(tmp / "params.npz"),
+                                  model_cfg=dataclasses.asdict(m), prompts=prompts, new_tokens=new, reps=reps)
         section["frameworks"]["atlas_jax"] = res
         log("  atlas_jax: " + _decode_line(res))
         for ftype in args.ftypes:
@@ -230,6 +249,22 @@ def cmd_decode(args) -> dict:
                                                  min(len(a), len(b)))
     section["load_avg_end"] = load_avg()
     return section
+
+
+def _per_batch_children(fn, batches: list[int], **kwargs) -> dict:
+    """fn once per batch size, each in a fresh child: every batch's peak RSS is its own (batch 32's
+    KV cache does not stand in batch 1's figure). -> one result, peak_rss_mib per batch in its row."""
+    merged: dict = {"results": {}}
+    for b in batches:
+        res = in_child(fn, batches=[b], **kwargs)
+        if "error" in res:
+            return res
+        for key, row in res.pop("results").items():
+            row["peak_rss_mib"] = res["peak_rss_mib"]
+            merged["results"][key] = row
+        merged.update({k: v for k, v in res.items() if k != "peak_rss_mib"})
+        merged["peak_rss_mib"] = max(merged.get("peak_rss_mib", 0.0), res["peak_rss_mib"])
+    return merged
 
 
 def _decode_line(res: dict) -> str:

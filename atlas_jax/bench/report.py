@@ -231,7 +231,7 @@ def _md_decode(de: dict) -> list[str]:
         for key, row in r["results"].items():
             same = row.get("greedy_same_prefix")
             rows.append([name, key.split("_")[1], _fmt(row["prefill_tokens_per_s"]), _fmt(row["decode_tokens_per_s"]),
-                         _fmt(r.get("peak_rss_mib")), _fmt(row.get("atlas_jax_decode_speedup"), 2, "x"),
+                         _fmt(row.get("peak_rss_mib", r.get("peak_rss_mib"))), _fmt(row.get("atlas_jax_decode_speedup"), 2, "x"),
                          "-" if same is None else f"{same}/{de['new_tokens']}"])
     return [f"### decode: {de['config'] or 'flags'}", "", f"`{de['command']}`  ",
             f"{m['arch']}, d_model {m['d_model']}, {m['n_layers']} layers, vocab {m['vocab_size']}, {m['params']:,} "
