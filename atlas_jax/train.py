@@ -27,6 +27,7 @@ from atlas_jax.devices import device_peak
 from atlas_jax.errors import AtlasError, CheckpointError, ConfigError, DataError, run_cli
 from atlas_jax.files import DirLock, writable_dir
 from atlas_jax.model import count_params, flops_per_token
+from atlas_jax.sample import release_host_memory
 from atlas_jax.sharding import (batch_sharding, check_batch_divides, global_batch, make_flag_agreement, make_mesh,
                                 maybe_initialize_distributed, state_shardings)
 from atlas_jax.tracking import MetricsLog, flatten_params, make_tracker, read_metrics
@@ -533,6 +534,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, t0: float) -> RunResult:
                 t_window = t_start = time.perf_counter()
                 steps_window, tokens_done = 0, 0
                 _log(f"time to first step {t_start - t0:.1f}s (data, state, compile; {compile_cache.describe()})")
+                release_host_memory()  # the compiler's freed heap back to the OS: not held for the whole run
             if bar is not None:
                 bar.update(1)
             # The non-finite streak and the stop flag are read every step, one step late: this step is

@@ -197,7 +197,8 @@ def in_child(fn, /, **kwargs) -> dict:
 
 def record_memory(result: dict, rss_before: float, device_bytes: int | None) -> dict:
     result["rss_after_import_mib"] = round(rss_before, 1)
-    result["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    result["peak_rss_mib"] = round(peak_rss_mib(), 1)  # compiles included (XLA's, torch.compile's)
+    result["rss_end_mib"] = round(rss_mib(), 1)  # what the running loop holds after its timed steps
     if device_bytes:
         result["peak_device_mib"] = round(device_bytes / 2**20, 1)
     return result

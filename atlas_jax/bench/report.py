@@ -204,6 +204,8 @@ def _md_train(tr: dict) -> list[str]:
             rows.append([fw, f"error: {r['error']}"] + [""] * 7)
             continue
         mem = _fmt(r.get("peak_rss_mib"))
+        if r.get("rss_end_mib"):  # the peak holds the compile; the end is what the running loop holds
+            mem += f" / {_fmt(r['rss_end_mib'])}"
         if r.get("peak_device_mib"):
             mem += f" (device {_fmt(r['peak_device_mib'])})"
         per_round = " / ".join(f"{x * 1e3:.0f}" for x in r.get("round_medians", []))
@@ -217,8 +219,8 @@ def _md_train(tr: dict) -> list[str]:
             f"Median of {tr['steps']} steps after {tr['warmup']} warm-up in each of {tr.get('rounds', 1)} rounds "
             f"(a fresh process per framework per round, frameworks interleaved). {_peak_text(tr)} "
             f"Load average {tr['load_avg_start']} -> {tr['load_avg_end']}.", ""] + _table(
-        ["framework", "step (ms)", "per round (ms)", "tokens/s", tr.get("mfu_label", "MFU"), "peak RSS (MiB)", "compile (s)", "first loss",
-         "atlas_jax speed-up"], rows) + [""]
+        ["framework", "step (ms)", "per round (ms)", "tokens/s", tr.get("mfu_label", "MFU"), "RSS peak / after steps (MiB)", "compile (s)",
+         "first loss", "atlas_jax speed-up"], rows) + [""]
 
 
 def _md_decode(de: dict) -> list[str]:
