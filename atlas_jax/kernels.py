@@ -8,6 +8,11 @@ model, never called by users directly:
   small operands (`kv_side_grad`). `model.attention=einsum` (and `auto` on CPU) picks it.
   `grouped_probs` is its softmax, which `einsum_attention_with_probs` also returns (the attention
   maps of atlas_jax.viz: the weights the kernel mixes the values with, not a recomputation).
+- `blocked_attention`: the same attention without the [T, S] scores (FlashAttention-2 on the CPU:
+  online softmax over [block, block] tiles, only the lower-triangular block pairs, a custom gradient
+  that recomputes the scores from the output and the rows' logsumexp). `model.attention=blocked`
+  picks it for the training/eval forward; memory O(T * block), and faster than the einsums from
+  T=256 up at the shakespeare width (bench longctx). The KV-cache decode path keeps the einsums.
 - `rowmajor_grad_dot_general`: nn.Dense's dot_general whose weight gradient x^T g keeps g
   row-major. The model uses it on CPU when no remat policy needs to see plain dot_generals.
 
