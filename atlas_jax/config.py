@@ -28,7 +28,7 @@ FAMILY_OPTIONS = {"llama": {"positions": "rope", "norm": "rms", "mlp": "swiglu"}
                   "gpt2": {"positions": "learned", "norm": "layer", "mlp": "gelu"}}
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots")
-ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "einsum", "blocked")
 MATMUL_IMPLS = ("auto", "rowmajor", "xla")
 MOE_IMPLS = ("auto", "grouped", "ragged", "dense")
 SCHEDULES = ("cosine", "linear", "constant")
@@ -63,8 +63,11 @@ class ModelConfig:
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots
     # auto (cudnn on a GPU in bf16/f16, xla on a GPU in f32, einsum elsewhere) | xla
-    # (jax.nn.dot_product_attention) | cudnn | einsum (grouped einsums, fastest on CPU)
+    # (jax.nn.dot_product_attention) | cudnn | einsum (grouped einsums, fastest on CPU at short T) |
+    # blocked (kernels.blocked_attention: FlashAttention-2 style, no [T, S] scores, memory linear in T;
+    # training/eval forward only, the KV-cache decode path keeps the grouped einsums)
     attention: str = "auto"
+    attention_block: int = 64  # model.attention=blocked: query/key block size (64 fastest measured on CPU)
     # auto (rowmajor on CPU without remat, xla elsewhere) | rowmajor (atlas_jax.kernels: weight
     # gradients that keep the output gradient row-major, fastest on CPU) | xla (plain dot_general)
     matmul: str = "auto"
@@ -390,7 +393,8 @@ def validate_model(m: ModelConfig) -> None:
         "model.vocab_size": m.vocab_size, "model.d_model": m.d_model, "model.n_layers": m.n_layers,
         "model.n_heads": m.n_heads, "model.max_seq_len": m.max_seq_len,
         "model.ffn_multiple_of": m.ffn_multiple_of, "model.n_kv_heads": m.n_kv_heads,
-        "model.d_ff": m.d_ff, "model.rope_theta": m.rope_theta}, strict=True)
+        "model.d_ff": m.d_ff, "model.rope_theta": m.rope_theta, "model.attention_block": m.attention_block},
+        strict=True)
     _check_positive({"model.norm_eps": m.norm_eps}, strict=False)
     validate_moe(m)
     validate_sinks(m)
@@ -471,7 +475,7 @@ def validate_sinks(m: ModelConfig) -> None:
     if m.sink_logits and m.attention in ("xla", "cudnn"):
         raise ConfigError(
             f"model.sink_logits with model.attention={m.attention}: jax.nn.dot_product_attention has no sink "
-            f"column; use model.attention=einsum (or auto, which picks einsum for sink logits)")
+            f"column; use model.attention=einsum or blocked (or auto, which picks einsum for sink logits)")
 
 
 def validate_sample_window(s: SampleConfig, m: ModelConfig) -> None:

@@ -8,6 +8,11 @@ model, never called by users directly:
   small operands (`kv_side_grad`). `model.attention=einsum` (and `auto` on CPU) picks it.
   `grouped_probs` is its softmax, which `einsum_attention_with_probs` also returns (the attention
   maps of atlas_jax.viz: the weights the kernel mixes the values with, not a recomputation).
+- `blocked_attention`: the same attention without the [T, S] scores (FlashAttention-2 on the CPU:
+  online softmax over [block, block] tiles, only the lower-triangular block pairs, a custom gradient
+  that recomputes the scores from the output and the rows' logsumexp). `model.attention=blocked`
+  picks it for the training/eval forward; memory O(T * block), and faster than the einsums from
+  T=256 up at the shakespeare width (bench longctx). The KV-cache decode path keeps the einsums.
 - `rowmajor_grad_dot_general`: nn.Dense's dot_general whose weight gradient x^T g keeps g
   row-major. The model uses it on CPU when no remat policy needs to see plain dot_generals.
 
@@ -16,6 +21,7 @@ parity suite hold them to the XLA kernel and to torch).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -143,6 +149,173 @@ def einsum_attention_with_probs(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: A
     out = grouped_mix(probs.astype(v_BxSxKxH.dtype), v_BxSxKxH.transpose(0, 2, 1, 3))
     b, k, g, t, s = probs.shape
     return from_grouped(out), probs.reshape(b, k * g, t, s)
+
+
+# --------------------------------------------------------------------------- blocked attention
+
+
+def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _block_scores(q_i, k_j, i, j, block: int, mask_BxTxS, scale: float) -> Array:
+    """Scores of query block i against key block j, [B, K, G, Bq, Bk] float32, masked with finfo.min
+    (as `grouped_probs`): causal by position, and by the packed-rows mask's [i, j] tile when given."""
+    s = jnp.einsum("bkgth,bksh->bkgts", q_i, k_j).astype(jnp.float32) * scale
+    rows = i * block + jnp.arange(block)
+    cols = j * block + jnp.arange(block)
+    keep = (cols[None, :] <= rows[:, None])[None, None, None]
+    if mask_BxTxS is not None:
+        tile = jax.lax.dynamic_slice(mask_BxTxS, (0, i * block, j * block), (mask_BxTxS.shape[0], block, block))
+        keep = keep & tile[:, None, None]
+    return jnp.where(keep, s, jnp.finfo(jnp.float32).min)
+
+
+def _blocks(x: Array, axis: int, block: int) -> Array:
+    """[.., n*block, ..] -> [n, .., block, ..]: the blocks along `axis` stacked first (scan's xs)."""
+    shape = x.shape[:axis] + (x.shape[axis] // block, block) + x.shape[axis + 1:]
+    return jnp.moveaxis(x.reshape(shape), axis, 0)
+
+
+def _unblocks(x: Array, axis: int) -> Array:
+    x = jnp.moveaxis(x, 0, axis)
+    return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
+
+
+def _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block):
+    """Online softmax (FlashAttention-2's forward): for each query block, the key blocks up to the
+    diagonal, a running max m, denominator l and unnormalised output acc. Returns out_BxKxGxTxH and
+    lse_BxKxGxT (the row's logsumexp, the sink's term included)."""
+    b, kh, g, t, h = q.shape
+    scale = 1.0 / math.sqrt(h)
+    f32min = jnp.finfo(jnp.float32).min
+    if sink_KxG is None:
+        m0 = jnp.full((b, kh, g, block), -jnp.inf, jnp.float32)
+        l0 = jnp.zeros((b, kh, g, block), jnp.float32)
+    else:  # the sink is a column with logit sink and value 0: it starts the running max and sum
+        m0 = jnp.broadcast_to(sink_KxG.astype(jnp.float32)[None, :, :, None], (b, kh, g, block))
+        l0 = jnp.ones((b, kh, g, block), jnp.float32)
+
+    def row_block(_, xs):
+        i, q_i = xs
+
+        def key_block(j, carry):
+            m, l, acc = carry
+            k_j = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
+            v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
+            s = _block_scores(q_i, k_j, i, j, block, mask_BxTxS, scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            alpha = jnp.exp(m - m_new)
+            l = alpha * l + p.sum(-1)
+            acc = alpha[..., None] * acc + jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v_j).astype(jnp.float32)
+            return m_new, l, acc
+
+        acc0 = jnp.zeros((b, kh, g, block, h), jnp.float32)
+        m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, (m0, l0, acc0))
+        m = jnp.maximum(m, f32min)  # a row with every key masked and no sink: finite, as grouped_probs
+        return None, ((acc / l[..., None]).astype(q.dtype), m + jnp.log(l))
+
+    n = t // block
+    _, (out, lse) = jax.lax.scan(row_block, None, (jnp.arange(n), _blocks(q, 3, block)))
+    return _unblocks(out, 3), _unblocks(lse, 3)
+
+
+def _blocked_bwd(q, k, v, mask_BxTxS, sink_KxG, block, out, lse, do):
+    """FlashAttention-2's backward: scores recomputed block by block, P = exp(S - lse),
+    D = rowsum(dO * O), dS = P * (dP - D); dQ per query block, dK and dV accumulated over them."""
+    b, kh, g, t, h = q.shape
+    scale = 1.0 / math.sqrt(h)
+    d_BxKxGxT = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1)
+
+    def row_block(carry, xs):
+        dk, dv = carry
+        i, q_i, do_i, lse_i, d_i = xs
+
+        def key_block(j, c):
+            dq_i, dk, dv = c
+            k_j = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
+            v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
+            s = _block_scores(q_i, k_j, i, j, block, mask_BxTxS, scale)
+            p = jnp.exp(s - lse_i[..., None])
+            dp = jnp.einsum("bkgth,bksh->bkgts", do_i, v_j).astype(jnp.float32)
+            ds = (p * (dp - d_i[..., None])).astype(q.dtype)
+            dv_j = jnp.einsum("bkgts,bkgth->bksh", p.astype(do_i.dtype), do_i).astype(jnp.float32)
+            dk_j = jnp.einsum("bkgts,bkgth->bksh", ds, q_i).astype(jnp.float32) * scale
+            dq_i = dq_i + jnp.einsum("bkgts,bksh->bkgth", ds, k_j).astype(jnp.float32) * scale
+            at = (0, 0, j * block, 0)
+            dk = jax.lax.dynamic_update_slice(dk, jax.lax.dynamic_slice(dk, at, dk_j.shape) + dk_j, at)
+            dv = jax.lax.dynamic_update_slice(dv, jax.lax.dynamic_slice(dv, at, dv_j.shape) + dv_j, at)
+            return dq_i, dk, dv
+
+        dq0 = jnp.zeros((b, kh, g, block, h), jnp.float32)
+        dq_i, dk, dv = jax.lax.fori_loop(0, i + 1, key_block, (dq0, dk, dv))
+        return (dk, dv), dq_i
+
+    n = t // block
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    xs = (jnp.arange(n), _blocks(q, 3, block), _blocks(do, 3, block), _blocks(lse, 3, block),
+          _blocks(d_BxKxGxT, 3, block))
+    (dk, dv), dq = jax.lax.scan(row_block, (zeros, zeros), xs)
+    dq = _unblocks(dq, 3).astype(q.dtype)
+    # The sink column: value 0, so dP = 0 there and dS_sink = -p_sink * D.
+    dsink = None if sink_KxG is None else \
+        (-jnp.exp(sink_KxG.astype(jnp.float32)[None, :, :, None] - lse) * d_BxKxGxT).sum((0, 3)).astype(sink_KxG.dtype)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), dsink
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _blocked(q, k, v, mask_BxTxS, sink_KxG, block):
+    return _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block)[0]
+
+
+def _blocked_vjp_fwd(q, k, v, mask_BxTxS, sink_KxG, block):
+    out, lse = _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block)
+    return out, (q, k, v, mask_BxTxS, sink_KxG, out, lse)
+
+
+def _blocked_vjp_bwd(block, res, do):
+    q, k, v, mask_BxTxS, sink_KxG, out, lse = res
+    dq, dk, dv, dsink = _blocked_bwd(q, k, v, mask_BxTxS, sink_KxG, block, out, lse, do)
+    return dq, dk, dv, None, dsink
+
+
+_blocked.defvjp(_blocked_vjp_fwd, _blocked_vjp_bwd)
+
+
+def blocked_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array | None,
+                      sink_KxG: Array | None = None, block: int = 128) -> Array:
+    """`grouped_attention`'s result without the [T, S] scores: FlashAttention-2 on the CPU.
+
+    Self-attention only (S == T, the training forward): query block i meets key blocks 0..i (the
+    blocks above the causal diagonal are never computed), with an online softmax whose running
+    max and sum start from the sink logit when there is one. The custom gradient keeps only the
+    output and each row's logsumexp, and recomputes the scores block by block. T not a multiple of
+    `block` is padded (padded keys sit above every real query's diagonal; padded queries are
+    dropped). mask_BxTxS (packed rows) is read one [block, block] tile at a time. Memory: O(T * block)
+    temporaries per layer instead of O(T * S). Returns out_BxKxGxTxH.
+    """
+    t = q_BxKxGxTxH.shape[3]
+    if k_BxKxSxH.shape[2] != t:
+        raise ValueError(f"blocked_attention is self-attention: {k_BxKxSxH.shape[2]} keys for {t} queries")
+    block = min(block, t)
+    tp = -(-t // block) * block
+    q, k, v = (_pad_axis(x, x.ndim - 2, tp) for x in (q_BxKxGxTxH, k_BxKxSxH, v_BxKxSxH))
+    if mask_BxTxS is not None:
+        mask_BxTxS = _pad_axis(_pad_axis(mask_BxTxS, 1, tp, False), 2, tp, False)
+    return _blocked(q, k, v, mask_BxTxS, sink_KxG, block)[:, :, :, :t]
+
+
+def blocked_attention_btnh(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array | None,
+                           sink_N: Array | None = None, block: int = 128) -> Array:
+    """`blocked_attention` on the [B, T, N, H] / [B, S, K, H] layout (as `einsum_attention`)."""
+    kv = k_BxSxKxH.shape[2]
+    sink_KxG = None if sink_N is None else sink_N.reshape(kv, -1)
+    out = blocked_attention(to_grouped(q_BxTxNxH, kv), k_BxSxKxH.transpose(0, 2, 1, 3),
+                            v_BxSxKxH.transpose(0, 2, 1, 3), mask_BxTxS, sink_KxG, block)
+    return from_grouped(out)
 
 
 # --------------------------------------------------------------------------- dense

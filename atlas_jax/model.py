@@ -31,7 +31,8 @@ rotates, so Q/K rows export to GGUF without a permutation. atlas_torch_ref uses 
 GQA grouping: query head h reads key/value head h // (H / KV) (llama.cpp and `repeat_interleave`).
 
 Implementation switches (same math, tested against each other and against torch): `model.attention`
-(`attention_impl`: the grouped einsums of atlas_jax.kernels, XLA's or cuDNN's kernel) and
+(`attention_impl`: the grouped einsums or the blocked FlashAttention-2 kernel of atlas_jax.kernels, XLA's
+or cuDNN's kernel; the KV-cache decode path always runs the grouped einsums) and
 `model.matmul` (`matmul_impl`: the row-major weight gradient of atlas_jax.kernels, or plain XLA)
 and `model.moe_impl` (`moe_impl`: how the experts are computed, atlas_jax.moe).
 
@@ -67,8 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from atlas_jax.config import ModelConfig
-from atlas_jax.kernels import (einsum_attention, einsum_attention_with_probs, from_grouped, grouped_attention,
-                               rowmajor_grad_dot_general, to_grouped)
+from atlas_jax.kernels import (blocked_attention_btnh, einsum_attention, einsum_attention_with_probs, from_grouped,
+                               grouped_attention, rowmajor_grad_dot_general, to_grouped)
 from atlas_jax.moe import EXPERT_IMPLS, experts_all_to_all, load_balance_loss, route, router_z_loss
 
 Array = jax.Array
@@ -175,12 +176,15 @@ def segment_mask(segment_ids_BxT: Array) -> Array:
     return causal_TxT[None] & (segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :])
 
 
-def attention(q, k, v, impl: str, mask_BxTxS: Array | None = None, sink_N: Array | None = None) -> Array:
+def attention(q, k, v, impl: str, mask_BxTxS: Array | None = None, sink_N: Array | None = None,
+              block: int = 64) -> Array:
     """Causal attention; q [B,T,N,H], k/v [B,S,K,H], K divides N. mask_BxTxS (True = attend) replaces
-    the causal mask when given (packed rows: `segment_mask`); sink_N: per-head sink logits (einsum only,
-    config.validate_sinks)."""
+    the causal mask when given (packed rows: `segment_mask`); sink_N: per-head sink logits (einsum and
+    blocked only, config.validate_sinks). block: blocked's block size (model.attention_block)."""
     if impl == "einsum":
         return einsum_attention(q, k, v, mask_BxTxS, sink_N)
+    if impl == "blocked":
+        return blocked_attention_btnh(q, k, v, mask_BxTxS, sink_N, block)
     if mask_BxTxS is not None:
         if impl == "cudnn":
             _warn_cudnn_masked()
@@ -272,7 +276,7 @@ class Attention(nn.Module):
             out, probs_BxNxTxS = einsum_attention_with_probs(q, k, v, mask_BxTxS, sink_N)
             self.sow(ATTENTION_WEIGHTS, "probs", probs_BxNxTxS)
         else:
-            out = attention(q, k, v, attention_impl(c), mask_BxTxS, sink_N)
+            out = attention(q, k, v, attention_impl(c), mask_BxTxS, sink_N, c.attention_block)
         return self.wo(out.reshape(b, t, c.n_heads * c.head_dim)), new_cache
 
 

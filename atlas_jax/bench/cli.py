@@ -3,6 +3,7 @@
     python scripts/bench.py train   [--config configs/shakespeare.yaml] [section.key=value ...]
     python scripts/bench.py decode  [--checkpoint RUN_DIR]
     python scripts/bench.py scaling
+    python scripts/bench.py longctx [--attention einsum,blocked] [--seq-lens 256,512,1024,2048,4096]
     python scripts/bench.py quality --checkpoint RUN_DIR
     python scripts/bench.py moe     [section.key=value ...]
     ... --quick        tiny sizes and few steps: a smoke test, each subcommand under a minute on a
@@ -16,6 +17,9 @@
 - decode: greedy prefill and decode tokens/s at batch 1 and 32, atlas_jax (`sample.generate`)
   against llama.cpp on GGUF files exported from the same params (f32 and q8_0).
 - scaling: atlas_jax (and torch eager) tokens/s as the sequence grows and as the model grows.
+- longctx: training tokens/s, peak RSS and the attention's compiled temporaries per sequence length
+  (256..4096 at the shakespeare width, a fixed number of tokens per step), one column per
+  model.attention (default einsum against blocked, the FlashAttention-2 style kernel).
 - quality: every GGUF type of a trained run in llama.cpp against atlas_jax: file size, max
   |dlogit|, top-1 agreement, validation perplexity, greedy continuation.
 - hf: `python -m atlas_jax.hf` import and export of a 124M GPT-2 written by transformers, time and
@@ -50,6 +54,7 @@ from atlas_jax.bench.common import (CORPUS, ENV_PREFIXES, REPO, BenchError, benc
 from atlas_jax.bench.decode import cmd_decode
 from atlas_jax.bench.finetune import cmd_finetune
 from atlas_jax.bench.hf import cmd_hf
+from atlas_jax.bench.longctx import LONGCTX_ATTENTIONS, cmd_longctx
 from atlas_jax.bench.moe import cmd_moe
 from atlas_jax.bench.quality import cmd_quality
 from atlas_jax.bench.report import check_outputs, check_png, render_markdown, write_outputs
@@ -95,6 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
                    help="torch eager beside atlas_jax (default: yes, except with --quick)")
     s.add_argument("--png", help="the plot (default: scaling.png beside --out)")
+    lc = sub.add_parser("longctx", parents=[common], help="tokens/s and memory against sequence length per "
+                        "model.attention (einsum vs blocked)")
+    lc.add_argument("--seq-lens", type=positive_ints, help="default 256,512,1024,2048,4096 (--quick 32,64)")
+    lc.add_argument("--tokens-per-step", type=positive_int,
+                    help="batch x seq at every point (default 8192; --quick 128)")
+    lc.add_argument("--attention", type=names_from(LONGCTX_ATTENTIONS), default="einsum,blocked",
+                    help=f"comma list of model.attention, the first the baseline ({', '.join(LONGCTX_ATTENTIONS)})")
+    lc.add_argument("--png", help="the plot (default: longctx.png beside --out)")
     q = sub.add_parser("quality", parents=[common], help="GGUF types in llama.cpp against atlas_jax: size, logits, ppl")
     q.add_argument("--checkpoint", help="a trained run dir")
     q.add_argument("--ftypes", type=names_from((*ALL_FTYPES, "q4_0-rtn")),
@@ -116,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     from atlas_jax import compile_cache
     compile_cache.setup()  # the children inherit it through JAX_* variables; ATLAS_COMPILE_CACHE=0 turns it off
     section = {"train": cmd_train, "decode": cmd_decode, "scaling": cmd_scaling,
-               "quality": cmd_quality, "hf": cmd_hf, "finetune": cmd_finetune,
+               "longctx": cmd_longctx, "quality": cmd_quality, "hf": cmd_hf, "finetune": cmd_finetune,
                "moe": cmd_moe}[args.command](args)
     section["command"] = "python scripts/bench.py " + shlex.join(argv)
     section["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith(ENV_PREFIXES)}
@@ -168,7 +181,8 @@ def check_inputs(args, out: Path) -> None:
                                  f"tokenizer is trained on it: give a text file")
     if args.command == "scaling":
         scaling_configs(args)
-        check_png(Path(args.png) if args.png else out.with_name("scaling.png"),
+    if args.command in ("scaling", "longctx"):
+        check_png(Path(args.png) if args.png else out.with_name(f"{args.command}.png"),
                   "--png" if args.png else f"--png (default, beside --out {out})")
 
 

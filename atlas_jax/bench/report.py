@@ -161,6 +161,13 @@ def plot_scaling(section: dict, png: Path) -> None:
         if ax.lines:
             ax.legend()
     fig.tight_layout()
+    _save_png(fig, png)
+
+
+def _save_png(fig, png: Path) -> None:
+    """fig written to png under a temporary name, then renamed; the figure is closed."""
+    import matplotlib.pyplot as plt
+
     fd, tmp = tempfile.mkstemp(dir=png.parent, prefix=f".{png.name}.", suffix=".png")
     os.fchmod(fd, _file_mode(png))
     os.close(fd)
@@ -172,6 +179,32 @@ def plot_scaling(section: dict, png: Path) -> None:
         raise BenchError(f"--png {png}: writing the plot failed ({e.strerror or e}); nothing was replaced") from None
     finally:
         plt.close(fig)
+
+
+def plot_longctx(section: dict, png: Path) -> None:
+    """Training tokens/s and peak RSS against sequence length, one line per model.attention."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for impl in section["attention"]:
+        ok = [p for p in section["points"] if "tokens_per_s" in p.get(impl, {})]
+        if ok:
+            ax1.plot([p["seq_len"] for p in ok], [p[impl]["tokens_per_s"] for p in ok], "o-", label=impl)
+            ax2.plot([p["seq_len"] for p in ok], [p[impl]["peak_rss_mib"] for p in ok], "o-", label=impl)
+    ax1.set(xlabel="sequence length", ylabel="training tokens/s",
+            title=f"model.attention ({section['tokens_per_step']} tokens/step)")
+    ax2.set(xlabel="sequence length", ylabel="peak RSS (MiB)", title="memory")
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend()
+    fig.tight_layout()
+    _save_png(fig, png)
 
 
 # --------------------------------------------------------------------------- markdown and JSON
@@ -331,13 +364,41 @@ def _md_moe(mo: dict) -> list[str]:
          "first loss"], rows) + [""]
 
 
+def _md_longctx(lc: dict) -> list[str]:
+    impls, rows = lc["attention"], []
+    for p in lc["points"]:
+        if "skipped" in p:
+            rows.append([f"seq {p['seq_len']}", f"skipped: {p['skipped']}"] + [""] * (3 * len(impls)))
+            continue
+        cells = [f"seq {p['seq_len']}", f"{p['batch_size']} x {p['seq_len']}"]
+        for impl in impls:
+            r = p.get(impl, {})
+            cells += [r.get("error") or _fmt(r.get("tokens_per_s")), _fmt(r.get("peak_rss_mib")),
+                      _fmt(r["attention_temp_bytes"] / 2**20, 1) if "attention_temp_bytes" in r else "-"]
+        base = p.get(impls[0], {}).get("tokens_per_s")
+        cells += [_fmt(p.get(i, {}).get("tokens_per_s", 0) / base if base and "tokens_per_s" in p.get(i, {}) else None,
+                       2, "x") for i in impls[1:]]
+        rows.append(cells)
+    header = ["point", "batch x seq"]
+    for impl in impls:
+        header += [f"{impl} tokens/s", f"{impl} peak RSS (MiB)", f"{impl} attention temp (MiB)"]
+    header += [f"{i} vs {impls[0]}" for i in impls[1:]]
+    return ["### longctx", "", f"`{lc['command']}`  ",
+            f"{lc['tokens_per_step']} tokens per step (batch x seq, 1 microbatch), model.attention "
+            f"{', '.join(impls)}, float32, dropout 0; median of {lc['steps']} steps after {lc['warmup']} warm-up, "
+            f"each in a fresh process (its own peak RSS); attention temp: XLA's compiled temporaries of one "
+            f"layer's attention value-and-grad at that shape; config {lc['config'] or 'the flag sizes'}. "
+            f"Load average {lc['load_avg_start']} -> {lc['load_avg_end']}. Plot: `{lc.get('png')}`.", ""] + _table(
+        header, rows) + [""]
+
+
 def render_markdown(data: dict) -> str:
     mach, ver = data.get("machine", {}), data.get("versions", {})
     lines = [f"Machine: {mach.get('cpu')}, {mach.get('cores')} cores, {mach.get('memory_gib')} GiB; jax backend "
              f"{mach.get('jax_backend')} ({mach.get('device_kind')} x{mach.get('device_count')}).",
              "Versions: " + ", ".join(f"{k} {v}" for k, v in ver.items() if v) + ".", ""]
     for name, render in (("train", _md_train), ("decode", _md_decode), ("scaling", _md_scaling),
-                         ("quality", _md_quality), ("hf", _md_hf), ("finetune", _md_finetune),
+                         ("longctx", _md_longctx), ("quality", _md_quality), ("hf", _md_hf), ("finetune", _md_finetune),
                          ("moe", _md_moe)):
         if name in data:
             lines += render(data[name])

@@ -3,7 +3,7 @@
 Float32 on CPU on both sides, tiny models (d_model 64-128, 1-2 layers, max_seq_len 16), each
 config jitted once. CASES cover the architecture options (positions rope/learned/none, norm
 rms/layer, mlp swiglu/gelu, MHA/GQA/MQA, MoE on/off, biases on/off): each value at least once. Logits, loss and gradients are checked on every path the model can take,
-(attention, matmul) in {einsum, xla} x {rowmajor, xla}, on MATRIX_CASES (a GQA llama with an untied
+(attention, matmul) in {einsum, xla} x {rowmajor, xla} and (blocked, rowmajor), on MATRIX_CASES (a GQA llama with an untied
 head, a gpt2 with biases and a tied head), and on the CPU default path (einsum, rowmajor) for the
 other configs; cuDNN attention (bf16 only) is checked too where a GPU is present (see
 CUDNN_BF16_SLACK). Tolerances: logits max |Δ| <= 1e-4, loss |Δ| <= 1e-5, gradients
@@ -88,7 +88,9 @@ GRAD_EXTRA = [("llama-mha-tied", MAX_T, 1), ("gpt2-tied", MAX_T, 1)]  # every po
 # (attention, matmul): the paths the model can take. einsum+rowmajor is `auto` on CPU, xla+xla
 # `auto` on a GPU in float32, cudnn+xla `auto` on a GPU in bf16.
 DEFAULT_PATH = ("einsum", "rowmajor")
-PATHS = [("einsum", "rowmajor"), ("einsum", "xla"), ("xla", "rowmajor"), ("xla", "xla"), ("cudnn", "xla")]
+PATHS = [("einsum", "rowmajor"), ("einsum", "xla"), ("xla", "rowmajor"), ("xla", "xla"), ("cudnn", "xla"),
+         ("blocked", "rowmajor")]
+BLOCKED_BLOCK = 4  # model.attention_block on the blocked path: T=7 is two blocks and a padded one, T=16 four
 MATRIX_CASES = ["llama-gqa2-untied", "gpt2-tied"]  # every path; the other configs: DEFAULT_PATH
 ON_GPU = jax.default_backend() == "gpu"
 NO_GPU = pytest.mark.skipif(not ON_GPU, reason="cuDNN attention needs an NVIDIA GPU; this machine has none "
@@ -184,6 +186,8 @@ def path_overrides(attention: str, matmul: str, bf16_on_gpu: bool = False) -> di
     """Overrides for one (attention, matmul) path; cudnn (and its XLA baseline) run in bf16 on the GPU."""
     if attention == "cudnn" or bf16_on_gpu:
         return dict(attention=attention, matmul=matmul, compute_dtype="bfloat16", device="gpu")
+    if attention == "blocked":
+        return dict(attention=attention, matmul=matmul, attention_block=BLOCKED_BLOCK)
     return dict(attention=attention, matmul=matmul)
 
 

@@ -19,12 +19,12 @@ import torch
 from atlas_jax import model as M
 from atlas_torch_ref import grads_to_tree
 
-from tests.parity.test_model_parity import (GRAD_RTOL, LOGITS_ATOL, MAX_T, assert_close, assert_grads_close, bundle,
-                                            model_config)
+from tests.parity.test_model_parity import (BLOCKED_BLOCK, GRAD_RTOL, LOGITS_ATOL, MAX_T, assert_close,
+                                            assert_grads_close, bundle, model_config)
 
 ALONE_ATOL = 1e-5
 CASES = ["llama-gqa2-untied", "gpt2-tied"]
-ATTENTIONS = ["einsum", "xla"]
+ATTENTIONS = ["einsum", "xla", "blocked"]
 # per row: segment lengths; what is left of MAX_T is padding (segment 0)
 LAYOUT = [(5, 7, 4), (6, 3, 4)]
 
@@ -50,7 +50,8 @@ def packed_batch(name: str) -> SimpleNamespace:
 
 @functools.cache
 def jax_fns(name: str, attention: str, remat: str = "none") -> SimpleNamespace:
-    cfg = model_config(name, attention=attention, remat=remat)
+    block = {"attention_block": BLOCKED_BLOCK} if attention == "blocked" else {}  # several blocks, the mask tiled
+    cfg = model_config(name, attention=attention, remat=remat, **block)
     model = M.Transformer(cfg)
 
     def loss(p, x, y, pos, seg):

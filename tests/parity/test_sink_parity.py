@@ -34,6 +34,10 @@ CASES = {
     "gpt2-sinktokens2": dict(arch="gpt2", sink_tokens=2),
     "llama-gqa2-sinktokens1-sinklogits-untied": dict(arch="llama", n_kv_heads=2, sink_tokens=1, sink_logits=True,
                                                       tie_embeddings=False),
+    # The same on model.attention=blocked, blocks of 4: the online softmax starts from the sink logit.
+    "llama-gqa2-sinktokens1-sinklogits-untied-blocked": dict(arch="llama", n_kv_heads=2, sink_tokens=1,
+                                                              sink_logits=True, tie_embeddings=False,
+                                                              attention="blocked", attention_block=4),
     # One layer: each cached key/value then depends on its token and cache position only, so a streamed
     # step must equal the window from scratch exactly. (With more layers a cached token keeps what it
     # saw when it was written, evicted tokens included: StreamingLLM's cache is not a recomputation.)

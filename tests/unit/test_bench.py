@@ -16,12 +16,12 @@ from atlas_jax.bench.report import MARK_BEGIN, MARK_END, write_outputs
 from atlas_jax.bench.train import pool_rounds
 
 REPO = Path(__file__).resolve().parents[2]
-SUBCOMMANDS = ("train", "decode", "scaling")
+SUBCOMMANDS = ("train", "decode", "scaling", "longctx")
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> dict:
-    """Run the three subcommands with --quick into one bench.json; their exit codes, stderr and the results."""
+    """Run the subcommands with --quick into one bench.json; their exit codes, stderr and the results."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -91,6 +91,21 @@ def test_scaling_covers_sequence_lengths_and_sizes_and_plots(bench):
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png}: no PNG written"
 
 
+def test_longctx_measures_each_attention_at_each_sequence_length_and_plots(bench):
+    sec = _ok(bench, "longctx")
+    assert sec["attention"] == ["einsum", "blocked"], f"longctx.attention = {sec['attention']}"
+    assert len(sec["points"]) >= 2, "longctx needs at least two sequence lengths"
+    for point in sec["points"]:
+        assert "skipped" not in point, f"longctx.{point['seq_len']}: skipped ({point.get('skipped')})"
+        for impl in sec["attention"]:
+            where = f"longctx.{point['seq_len']}.{impl}"
+            assert "error" not in point[impl], f"{where}: {point[impl].get('error')}"
+            _positive(point[impl], ["tokens_per_s", "peak_rss_mib", "attention_temp_bytes"], where)
+    assert "### longctx" in bench["md"] and "blocked vs einsum" in bench["md"], "longctx table missing from the .md"
+    png = bench["dir"] / "longctx.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png}: no PNG written"
+
+
 def test_outputs_merge_into_one_json_and_markdown(bench):
     data, md = bench["data"], bench["md"]
     for key in ("cpu", "cores", "jax_backend", "device_kind"):
@@ -137,7 +152,7 @@ def test_python_m_atlas_jax_bench_lists_every_subcommand():
     proc = subprocess.run([sys.executable, "-m", "atlas_jax.bench", "--help"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, f"python -m atlas_jax.bench --help exited {proc.returncode}: {proc.stderr[-2000:]}"
-    for cmd in ("train", "decode", "scaling", "quality"):
+    for cmd in ("train", "decode", "scaling", "longctx", "quality"):
         assert cmd in proc.stdout, f"--help does not list {cmd}: {proc.stdout}"
 
 

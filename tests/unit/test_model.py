@@ -100,12 +100,12 @@ def test_init_cache_shapes_and_decode_advances_the_index():
 # --------------------------------------------------------------------------- causal attention
 
 
-@pytest.mark.parametrize("impl", ["xla", "einsum"])
+@pytest.mark.parametrize("impl", ["xla", "einsum", "blocked"])
 def test_attention_is_causal_and_groups_query_heads_by_h_div_group(impl):
     b, t, n, kv, h = 2, 6, 4, 2, 8
     q, k, v = (jax.random.normal(key, shape) for key, shape in zip(
         jax.random.split(jax.random.key(0), 3), [(b, t, n, h), (b, t, kv, h), (b, t, kv, h)]))
-    attention = jax.jit(lambda q, k, v: M.attention(q, k, v, impl))
+    attention = jax.jit(lambda q, k, v: M.attention(q, k, v, impl, block=4))  # blocked: 2 blocks, 1 padded
     out = attention(q, k, v)
     # Position 0 sees only itself: query head i outputs v of kv head i // (n / kv).
     np.testing.assert_allclose(out[:, 0], v[:, 0, np.arange(n) // (n // kv)], atol=1e-6)
@@ -278,7 +278,7 @@ def test_flops_per_token_is_the_same_for_tied_and_untied_heads():
 # --------------------------------------------------------------------------- padded decode
 
 
-@pytest.mark.parametrize("attention", ["xla", "einsum"])
+@pytest.mark.parametrize("attention", ["xla", "einsum", "blocked"])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_left_padded_batched_decode_gives_each_row_its_unpadded_logits(arch, attention):
     """Prompts of length 5 and 3 in one batch (the short one left-padded, positions -1), prefilled
