@@ -62,7 +62,7 @@ class ModelConfig:
     compute_dtype: str = "float32"  # float32 | bfloat16
     param_dtype: str = "float32"
     remat: str = "none"  # none | full | dots
-    # auto (cudnn on a GPU in bf16/f16, xla on a GPU in f32, einsum elsewhere) | xla
+    # auto (cudnn on a GPU in bf16/f16, xla on a GPU in f32, elsewhere blocked from seq 256, einsum below) | xla
     # (jax.nn.dot_product_attention) | cudnn | einsum (grouped einsums, fastest on CPU at short T) |
     # blocked (kernels.blocked_attention: FlashAttention-2 style, no [T, S] scores, memory linear in T;
     # training/eval forward only, the KV-cache decode path keeps the grouped einsums)
@@ -475,7 +475,7 @@ def validate_sinks(m: ModelConfig) -> None:
     if m.sink_logits and m.attention in ("xla", "cudnn"):
         raise ConfigError(
             f"model.sink_logits with model.attention={m.attention}: jax.nn.dot_product_attention has no sink "
-            f"column; use model.attention=einsum or blocked (or auto, which picks einsum for sink logits)")
+            f"column; use model.attention=einsum or blocked (or auto, which picks one of them for sink logits)")
 
 
 def validate_sample_window(s: SampleConfig, m: ModelConfig) -> None:

@@ -153,14 +153,20 @@ def _has_gpu() -> bool:
     return False
 
 
-def attention_impl(cfg: ModelConfig) -> str:
+# On CPU, `auto` runs the blocked (online-softmax) kernel from this many query tokens on, the grouped
+# einsums below it (bench longctx, docs/benchmarks.md: blocked is faster from 256, slower at 64).
+BLOCKED_MIN_SEQ = 256
+
+
+def attention_impl(cfg: ModelConfig, seq_len: int | None = None) -> str:
     """model.attention=auto: cuDNN's fused kernel on a GPU in bf16/f16 (it takes no float32), XLA's
-    on a GPU in float32, and the written-out grouped einsums elsewhere (fastest measured on CPU)."""
+    on a GPU in float32; elsewhere the blocked kernel for seq_len >= BLOCKED_MIN_SEQ and the
+    written-out grouped einsums below it (the fastest of each measured on CPU)."""
     if cfg.attention != "auto":
         return cfg.attention
-    if jax.default_backend() == "gpu" and not cfg.sink_logits:  # sink logits: einsum only
+    if jax.default_backend() == "gpu" and not cfg.sink_logits:  # sink logits: einsum or blocked only
         return "cudnn" if cfg.compute_dtype in ("bfloat16", "float16") else "xla"
-    return "einsum"
+    return "blocked" if seq_len is not None and seq_len >= BLOCKED_MIN_SEQ else "einsum"
 
 
 @functools.cache
@@ -276,7 +282,7 @@ class Attention(nn.Module):
             out, probs_BxNxTxS = einsum_attention_with_probs(q, k, v, mask_BxTxS, sink_N)
             self.sow(ATTENTION_WEIGHTS, "probs", probs_BxNxTxS)
         else:
-            out = attention(q, k, v, attention_impl(c), mask_BxTxS, sink_N, c.attention_block)
+            out = attention(q, k, v, attention_impl(c, t), mask_BxTxS, sink_N, c.attention_block)
         return self.wo(out.reshape(b, t, c.n_heads * c.head_dim)), new_cache
 
 

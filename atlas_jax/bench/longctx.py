@@ -24,7 +24,7 @@ def attention_temp_bytes(cfg) -> int:
     m, b, t = cfg.model, cfg.train.batch_size // cfg.train.microbatches, cfg.data.seq_len
     q = jax.ShapeDtypeStruct((b, t, m.n_heads, m.head_dim), jnp.float32)
     kv = jax.ShapeDtypeStruct((b, t, m.n_kv_heads, m.head_dim), jnp.float32)
-    impl = attention_impl(m)
+    impl = attention_impl(m, t)
     f = jax.value_and_grad(lambda q, k, v: jnp.sum(attention(q, k, v, impl, block=m.attention_block)), (0, 1, 2))
     return int(jax.jit(f).lower(q, kv, kv).compile().memory_analysis().temp_size_in_bytes)
 

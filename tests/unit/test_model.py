@@ -149,8 +149,13 @@ def test_auto_attention_picks_the_kernel_of_the_backend():
     # GPU: cuDNN's fused kernel in bf16 (it takes no float32), XLA's in float32; elsewhere the grouped einsums.
     assert M.attention_impl(tiny()) == ("xla" if ON_GPU else "einsum")
     assert M.attention_impl(tiny(compute_dtype="bfloat16")) == ("cudnn" if ON_GPU else "einsum")
-    for impl in ("xla", "einsum"):
+    # CPU: the blocked kernel from BLOCKED_MIN_SEQ query tokens on, the grouped einsums below it.
+    n = M.BLOCKED_MIN_SEQ
+    assert M.attention_impl(tiny(), n - 1) == ("xla" if ON_GPU else "einsum")
+    assert M.attention_impl(tiny(), n) == ("xla" if ON_GPU else "blocked")
+    for impl in ("xla", "einsum", "blocked"):
         assert M.attention_impl(tiny(attention=impl)) == impl
+        assert M.attention_impl(tiny(attention=impl), n) == impl
     assert M.attention_impl(tiny(attention="cudnn", compute_dtype="bfloat16")) == "cudnn"
 
 
