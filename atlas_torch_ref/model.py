@@ -14,6 +14,12 @@ running its SwiGLU on the tokens that picked it and adding the weighted result i
 auxiliary losses (Switch load balancing, 1.0 when balanced; ST-MoE router z-loss) are averaged
 over the MoE layers and added to `loss` with their coefficients.
 
+Attention (`attention`, the twin's own choice, never taken from a mapping): `math`, the default, is
+the spelled-out form above, kept for parity; `sdpa` calls torch's fused
+F.scaled_dot_product_attention on the same q, k, v (is_causal for plain rows, the same boolean mask
+for packed rows, enable_gqa for grouped heads), for benchmarks of torch at its fastest. Sink logits
+have no sdpa form (an extra softmax column): `sdpa` refuses them.
+
 Attention sinks: `sink_logits` gives each head a learned logit `attn.sink` [H], appended to every
 row of scores as one more column before the softmax and dropped after it (gpt-oss); `sink_tokens` = n
 learned vectors `sink.weight` [n, D] are concatenated in front of the token embeddings (positions
@@ -68,8 +74,14 @@ class RefConfig:
     mlp: str | None = None  # swiglu | gelu
     sink_logits: bool = False  # a learned logit per head in every softmax row (gpt-oss)
     sink_tokens: int = 0  # n learned vectors prepended to every sequence
+    attention: str = "math"  # math (spelled out, for parity) | sdpa (F.scaled_dot_product_attention)
 
     def __post_init__(self):
+        if self.attention not in ("math", "sdpa"):
+            raise ValueError(f"attention {self.attention!r}: expected math or sdpa")
+        if self.attention == "sdpa" and self.sink_logits:
+            raise ValueError("attention sdpa with sink_logits: scaled_dot_product_attention has no sink column; "
+                             "use attention='math'")
         family = {"llama": ("rope", "rms", "swiglu"), "gpt2": ("learned", "layer", "gelu")}.get(self.arch)
         if family is None:
             raise ValueError(f"arch {self.arch!r}: expected llama or gpt2")
@@ -86,13 +98,14 @@ class RefConfig:
         return self.moe_experts > 0 and i >= self.moe_first_layer and (i - self.moe_first_layer) % self.moe_every == 0
 
     @classmethod
-    def from_mapping(cls, values: Mapping[str, Any]) -> "RefConfig":
-        """Pick this config's fields out of any mapping (e.g. dataclasses.asdict of a model config)."""
-        fields = dataclasses.fields(cls)
+    def from_mapping(cls, values: Mapping[str, Any], attention: str = "math") -> "RefConfig":
+        """Pick this config's fields out of any mapping (e.g. dataclasses.asdict of a model config).
+        `attention` is the twin's own (a model config's `attention` names a jax kernel): given here."""
+        fields = [f for f in dataclasses.fields(cls) if f.name != "attention"]
         missing = [f.name for f in fields if f.default is dataclasses.MISSING and values.get(f.name) is None]
         if missing:
             raise ValueError(f"RefConfig needs resolved values for {', '.join(missing)}")
-        return cls(**{f.name: values[f.name] for f in fields if f.name in values})
+        return cls(**{f.name: values[f.name] for f in fields if f.name in values}, attention=attention)
 
 
 class RMSNorm(nn.Module):
@@ -151,12 +164,7 @@ class Attention(nn.Module):
         v = self.wv(x_BxTxD).view(b, t, c.n_kv_heads, dh).transpose(1, 2)
         if c.positions == "rope":
             q, k = rope(q, c.rope_theta, positions_BxT), rope(k, c.rope_theta, positions_BxT)
-        # Query head h reads kv head h // group: repeat each kv head `group` times in place.
-        group = c.n_heads // c.n_kv_heads
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
-        scores_BxHxTxT = q @ k.transpose(-2, -1) / math.sqrt(dh)
-        allowed_BxTxT = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t)
+        allowed_BxTxT = None  # None: plain causal
         if segment_ids_BxT is not None:
             # Packed rows: query i may read key j only when j <= i and both carry the same segment id.
             same_BxTxT = torch.zeros(b, t, t, dtype=torch.bool)
@@ -164,7 +172,19 @@ class Attention(nn.Module):
                 for j in range(i + 1):
                     same_BxTxT[:, i, j] = segment_ids_BxT[:, i] == segment_ids_BxT[:, j]
             same_BxTxT[:, :, :n_sinks] = True
-            allowed_BxTxT = allowed_BxTxT & same_BxTxT
+            allowed_BxTxT = torch.ones(t, t, dtype=torch.bool).tril() & same_BxTxT
+        if c.attention == "sdpa":  # torch's fused kernel, same mask and grouping
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=None if allowed_BxTxT is None else allowed_BxTxT[:, None],
+                is_causal=allowed_BxTxT is None, enable_gqa=c.n_kv_heads != c.n_heads)
+            return self.wo(out.transpose(1, 2).reshape(b, t, c.n_heads * dh))
+        # Query head h reads kv head h // group: repeat each kv head `group` times in place.
+        group = c.n_heads // c.n_kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+        scores_BxHxTxT = q @ k.transpose(-2, -1) / math.sqrt(dh)
+        if allowed_BxTxT is None:
+            allowed_BxTxT = torch.ones(t, t, dtype=torch.bool).tril().expand(b, t, t)
         scores_BxHxTxT = scores_BxHxTxT.masked_fill(~allowed_BxTxT[:, None], float("-inf"))
         if c.sink_logits:  # one more column per row, the head's sink logit, dropped after the softmax
             sink_BxHxTx1 = self.sink.view(1, -1, 1, 1).expand(b, -1, t, 1)

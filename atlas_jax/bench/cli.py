@@ -10,8 +10,10 @@
                        quiet 2-core machine (the first torch.compile on a machine adds ~1 minute)
 
 - train: the same model, batch and sequence length through atlas_jax's jitted `train_step`
-  (make_mesh + create_sharded_state), atlas_torch_ref eager and atlas_torch_ref under
-  torch.compile, from the same initial params, AdamW with the same settings on both sides. Median
+  (make_mesh + create_sharded_state) and atlas_torch_ref: eager, model.loss under torch.compile,
+  and torch at its best (torch_best: sdpa attention, the whole step under torch.compile; and
+  torch_best_bf16, the same under bf16 autocast), from the same initial params, AdamW with the same
+  settings on both sides. Median
   step time after warm-up (pooled over --rounds interleaved rounds), tokens/s, MFU, peak memory,
   atlas_jax's speed-up over each.
 - decode: greedy prefill and decode tokens/s at batch 1 and 32, atlas_jax (`sample.generate`)
@@ -78,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_argument("--out", default=str(REPO / "docs" / "benchmarks.json"), help="JSON results (merged)")
     common.add_argument("--md", help="markdown tables (default: --out with .md)")
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", parents=[common], help="atlas_jax vs torch eager vs torch.compile, one train step")
+    t = sub.add_parser("train", parents=[common], help="atlas_jax vs torch eager, torch.compile and torch at its best, one train step")
     t.add_argument("--rounds", type=positive_int,
                    help="times each framework is run, interleaved (default 3; --quick 1)")
     t.add_argument("--frameworks", type=names_from(FRAMEWORKS), default=",".join(FRAMEWORKS),

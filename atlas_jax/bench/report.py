@@ -229,6 +229,13 @@ def _peak_text(tr: dict) -> str:
     return text + "."
 
 
+def _torch_settings_text(tr: dict) -> str:
+    """'torch_best: attention=sdpa, compile=step; ...': the train_torch settings of each torch row."""
+    rows = [f"{fw}: " + (", ".join(f"{k}={v}" for k, v in kw.items()) or "eager, attention=math")
+            for fw, kw in tr.get("torch_settings", {}).items()]
+    return f"Torch settings (bench/train.py TORCH_SETTINGS): {'; '.join(rows)}. " if rows else ""
+
+
 def _md_train(tr: dict) -> list[str]:
     m = tr["model"]
     rows = []
@@ -250,7 +257,8 @@ def _md_train(tr: dict) -> list[str]:
             f"dropout 0 (the torch twin has none) except in a 'dropout' row; torch accumulates "
             f"train.microbatches={tr.get('microbatches', 1)} as atlas_jax does except in a 'microbatches 1' row. "
             f"Median of {tr['steps']} steps after {tr['warmup']} warm-up in each of {tr.get('rounds', 1)} rounds "
-            f"(a fresh process per framework per round, frameworks interleaved). {_peak_text(tr)} "
+            f"(a fresh process per framework per round, frameworks interleaved). {_torch_settings_text(tr)}"
+            f"{_peak_text(tr)} "
             f"Load average {tr['load_avg_start']} -> {tr['load_avg_end']}.", ""] + _table(
         ["framework", "step (ms)", "per round (ms)", "tokens/s", tr.get("mfu_label", "MFU"), "RSS peak / after steps (MiB)", "compile (s)",
          "first loss", "atlas_jax speed-up"], rows) + [""]

@@ -47,7 +47,7 @@ def _train_point(cfg, steps: int, warmup: int, with_torch: bool, peak: float, tu
     raw = in_child(train_atlas_jax, cfg=dataclasses.asdict(cfg), steps=steps, warmup=warmup)
     point["atlas_jax"] = summarize_train(raw, b * t, flops_tok, peak)
     if with_torch:
-        raw = in_child(train_torch, cfg=dataclasses.asdict(cfg), steps=steps, warmup=warmup, compile=False,
+        raw = in_child(train_torch, cfg=dataclasses.asdict(cfg), steps=steps, warmup=warmup, compile="none",
                        device=torch_device())
         point["torch_eager"] = summarize_train(raw, b * t, flops_tok, torch_peak or peak)
     return point

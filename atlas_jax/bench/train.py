@@ -1,9 +1,11 @@
 """`bench train`: one train step of the same model, batch and params through atlas_jax's jitted
-`train_step`, atlas_torch_ref eager and atlas_torch_ref under torch.compile, each framework in a
+`train_step` and the torch twin (atlas_torch_ref) in the settings of TORCH_SETTINGS (eager, model.loss
+under torch.compile, and torch at its best on this machine in f32 and bf16), each framework in a
 fresh child process per round, the rounds interleaved."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -13,7 +15,27 @@ import numpy as np
 from atlas_jax.bench.common import (bench_config, flat_params, in_child, load_avg, log, model_summary,
                                     nested_params, peak_flops, record_memory, rss_mib)
 
-FRAMEWORKS = ("atlas_jax", "torch_eager", "torch_compile")
+# The torch rows: train_torch's settings per framework.
+TORCH_SETTINGS = {
+    "torch_eager": {},
+    "torch_compile": {"compile": "loss"},  # the twin's math attention, model.loss compiled
+    # torch_best: the fastest torch configuration measured on the 2-core box (gpt2 d 192, 4 layers, 6 heads,
+    # batch 32 x 128, microbatches 8; ms/step, median of 8 after 3 warm-up, load ~1.2, one run each):
+    #   math attention, model.loss compiled (torch_compile)      463
+    #   sdpa, model.loss compiled (as nanoGPT), default AdamW     387
+    #   sdpa, whole step compiled, default AdamW                  365
+    #   sdpa, whole step compiled, AdamW(fused=True)              350   <- torch_best
+    # (at 1 thread under load ~3, microbatches 1 was no faster: 698 vs 686 ms.) mode max-autotune-no-cudagraphs
+    # was not measured (its CPU GEMM autotuning adds minutes of compile). "The whole step" is one
+    # torch.compile of forward + backward + clipping + AdamW; torch.optim graph-breaks around opt.step on
+    # purpose, so it runs as two graphs. Inductor's C++ codegen needs a compiler (gcc 12 here) and
+    # Python.h: both present. Compile: ~2 min cold on 2 cores, ~15 s from inductor's cache.
+    # torch_best_bf16: the same under torch.autocast(bfloat16) (AMX-BF16 / AVX512-BF16 on this CPU), f32
+    # master weights and AdamW: 355 ms there, no faster than f32 at d_model 192.
+    "torch_best": {"attention": "sdpa", "compile": "step", "fused_adamw": True},
+    "torch_best_bf16": {"attention": "sdpa", "compile": "step", "fused_adamw": True, "bf16": True},
+}
+FRAMEWORKS = ("atlas_jax", *TORCH_SETTINGS)
 
 
 def random_batches(vocab: int, batch: int, seq: int, n: int = 4, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -56,10 +78,16 @@ def train_atlas_jax(cfg: dict, steps: int, warmup: int, params_out: str | None =
                     "device": jax.devices()[0].device_kind}, rss0, stats.get("peak_bytes_in_use"))
 
 
-def train_torch(cfg: dict, steps: int, warmup: int, compile: bool, params_in: str | None = None,
-                device: str = "cpu") -> dict:
-    """atlas_torch_ref (eager or torch.compile) + torch AdamW with the config's settings, accumulating
-    gradients over train.microbatches as atlas_jax does."""
+def train_torch(cfg: dict, steps: int, warmup: int, compile: str = "none", params_in: str | None = None,
+                device: str = "cpu", attention: str = "math", fused_adamw: bool = False,
+                compile_mode: str | None = None, bf16: bool = False) -> dict:
+    """atlas_torch_ref + torch AdamW with the config's settings, accumulating gradients over
+    train.microbatches as atlas_jax does. compile: none (eager) | loss (torch.compile of model.loss, as
+    nanoGPT compiles its model) | step (the whole step, zero_grad to opt.step, under one torch.compile);
+    compile_mode: torch.compile's mode; attention: the twin's (math | sdpa); fused_adamw: AdamW(fused=True)
+    instead of foreach; bf16: the forward under torch.autocast(bfloat16), master weights and AdamW in f32."""
+    import contextlib
+
     import torch
 
     from atlas_torch_ref import RefConfig, Transformer, load_params
@@ -68,7 +96,7 @@ def train_torch(cfg: dict, steps: int, warmup: int, compile: bool, params_in: st
     m, t_cfg = cfg["model"], cfg["train"]
     if device == "cuda" and not torch.cuda.is_available():
         device = "cpu"
-    model = Transformer(RefConfig.from_mapping(m))
+    model = Transformer(RefConfig.from_mapping(m, attention=attention))
     if params_in:
         load_params(model, nested_params(params_in))
     model.to(device)
@@ -81,24 +109,34 @@ def train_torch(cfg: dict, steps: int, warmup: int, compile: bool, params_in: st
         (decay if is_matrix or (is_embed and t_cfg["decay_embeddings"]) else no_decay).append(p)
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": t_cfg["weight_decay"]},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=t_cfg["lr"], betas=(t_cfg["beta1"], t_cfg["beta2"]), eps=t_cfg["eps"])
-    loss_fn = torch.compile(model.loss) if compile else model.loss
+                            lr=t_cfg["lr"], betas=(t_cfg["beta1"], t_cfg["beta2"]), eps=t_cfg["eps"],
+                            **({"fused": True} if fused_adamw else {}))
+    compiled = functools.partial(torch.compile, mode=compile_mode)
+    loss_fn = compiled(model.loss) if compile == "loss" else model.loss
+    autocast = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     clip = t_cfg["grad_clip"]
-
     mb = t_cfg["microbatches"]
 
-    def step(b):
+    def update(inputs, targets):
         # Gradient accumulation over the config's microbatches (strided rows, as atlas_jax.train_step).
-        opt.zero_grad(set_to_none=True)
         loss = 0.0
         for j in range(mb):
-            part = loss_fn(b["inputs"][j::mb], b["targets"][j::mb]) / mb
+            with autocast():
+                part = loss_fn(inputs[j::mb], targets[j::mb]) / mb
             part.backward()
             loss = loss + part.detach()
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        return loss.item()  # waits for the step (and the device)
+        return loss
+
+    if compile == "step":  # backward() inside a compiled function is traced by compiled autograd
+        torch._dynamo.config.trace_autograd_ops = True
+    update_fn = compiled(update) if compile == "step" else update
+
+    def step(b):
+        opt.zero_grad(set_to_none=True)  # Python only: the grads become None
+        return update_fn(b["inputs"], b["targets"]).item()  # waits for the step (and the device)
 
     batches = [{k: torch.from_numpy(v).long().to(device) for k, v in b.items()}
                for b in random_batches(m["vocab_size"], t_cfg["batch_size"], cfg["data"]["seq_len"])]
@@ -163,7 +201,8 @@ def cmd_train(args) -> dict:
                "microbatches": cfg.train.microbatches,
                "steps": steps, "warmup": warmup, "flops_per_token": flops_tok, "peak_flops": peak,
                "peak_source": peak_src, "peak_flops_torch": torch_peak, "peak_source_torch": torch_src,
-               "mfu_label": mfu_label, "load_avg_start": load_avg(), "frameworks": {}}
+               "mfu_label": mfu_label, "load_avg_start": load_avg(), "frameworks": {},
+               "torch_settings": {fw: TORCH_SETTINGS[fw] for fw in frameworks if fw in TORCH_SETTINGS}}
     log(f"train: {source or 'flags'}, batch {b} x seq {t}, {steps} steps after {warmup} warm-up; {mfu_label} "
          f"against {peak / 1e9:,.1f} GFLOP/s ({peak_src}) for atlas_jax, {torch_peak / 1e9:,.1f} GFLOP/s "
          f"({torch_src}) for torch")
@@ -193,7 +232,7 @@ def cmd_train(args) -> dict:
             # atlas_jax always runs first: it writes the initial params the torch runs start from.
             measure("atlas_jax", train_atlas_jax, cfg=dataclasses.asdict(cfg), params_out=params if r == 0 else None)
             for fw, c in torch_runs:
-                measure(fw, train_torch, cfg=dataclasses.asdict(c), compile=fw == "torch_compile", device=torch_device(),
+                measure(fw, train_torch, cfg=dataclasses.asdict(c), **TORCH_SETTINGS[fw.split()[0]], device=torch_device(),
                         params_in=params if Path(params).exists() else None)
             if "atlas_jax" in frameworks and configured.model.dropout > 0:  # what a real run of the config costs
                 measure(f"atlas_jax dropout {configured.model.dropout:g}", train_atlas_jax,

@@ -442,3 +442,62 @@ def test_future_tokens_never_change_past_logits(name, attention, data):
     assert_close(f"{name} ({attention}) logits at positions <= {t} after changing tokens > {t}",
                  after[:, :t + 1], before[:, :t + 1], 0.0)
     assert np.abs(after[:, t + 1:] - before[:, t + 1:]).max() > 0, "the changed tokens changed no logits at all"
+
+
+# --------------------------------------------------------------------------- the twin's sdpa attention
+# RefConfig.attention="sdpa" (F.scaled_dot_product_attention, used by bench train's torch_best rows)
+# against the spelled-out math twin and atlas_jax, at the bars above.
+
+
+@functools.cache
+def sdpa_twin(name: str) -> TorchTransformer:
+    cfg = bundle(name).cfg
+    return load_params(TorchTransformer(RefConfig.from_mapping(dataclasses.asdict(cfg), attention="sdpa")),
+                       bundle(name).params)
+
+
+@pytest.mark.parametrize("t, b", SHAPES, ids=[f"T{t}-B{b}" for t, b in SHAPES])
+@pytest.mark.parametrize("name", CASES)
+def test_sdpa_twin_logits_match_math_twin_and_jax(name, t, b, observe):
+    tokens, _ = batch(name, t, b)
+    with torch.no_grad():
+        got = sdpa_twin(name)(torch.from_numpy(tokens).long()).numpy()
+    observe("logits sdpa twin vs math twin, max |Δ|", assert_close(
+        f"{name} sdpa twin vs math twin logits", got, torch_logits(name, t, b), LOGITS_ATOL))
+    assert_close(f"{name} sdpa twin vs jax logits", got, jax_logits(name, t, b), LOGITS_ATOL)
+
+
+@pytest.mark.parametrize("t, b", [*GRAD_SHAPES, (MAX_T, 1)], ids=lambda v: str(v))
+@pytest.mark.parametrize("name", CASES)
+def test_sdpa_twin_loss_and_grads_match_math_twin_and_jax(name, t, b, observe):
+    ref = sdpa_twin(name)
+    tokens, targets = (torch.from_numpy(a).long() for a in batch(name, t, b))
+    ref.zero_grad(set_to_none=True)
+    loss = ref.loss(tokens, targets)
+    loss.backward()
+    grads = grads_to_tree(ref)
+    math_twin = torch_loss_and_grads(name, t, b)
+    assert_close(f"{name} sdpa twin vs math twin loss", loss.item(), math_twin.loss, LOSS_ATOL, axes=())
+    assert_close(f"{name} sdpa twin vs jax loss", loss.item(), jax_loss_and_grads(name, t, b).loss, LOSS_ATOL, axes=())
+    observe("grads sdpa twin vs math twin, max rel norm",
+            assert_grads_close(f"{name} sdpa twin vs math twin grads", grads, math_twin.grads, GRAD_RTOL))
+    assert_grads_close(f"{name} sdpa twin vs jax grads", grads, jax_loss_and_grads(name, t, b).grads, GRAD_RTOL)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa2-untied", "gpt2-tied"])
+def test_sdpa_twin_packed_rows_match_math_twin(name):
+    """Packed rows (three segments, then a padding tail of segment 0): sdpa takes the math twin's boolean mask."""
+    tokens, _ = batch(name, MAX_T, 2)
+    segments = torch.tensor([[1] * 5 + [2] * 7 + [3] * 4, [1] * 6 + [2] * 3 + [3] * 4 + [0] * 3])
+    positions = torch.cat([torch.arange(n) for n in (5, 7, 4, 6, 3, 4, 3)]).view(2, MAX_T)
+    x = torch.from_numpy(tokens).long()
+    with torch.no_grad():
+        got = sdpa_twin(name)(x, positions, segments).numpy()
+        want = bundle(name).ref(x, positions, segments).numpy()
+    assert_close(f"{name} packed rows, sdpa twin vs math twin logits", got, want, LOGITS_ATOL)
+
+
+def test_sdpa_twin_refuses_sink_logits():
+    cfg = dataclasses.asdict(model_config("llama-mha-tied", sink_logits=True, attention="einsum"))
+    with pytest.raises(ValueError, match="sink_logits"):
+        RefConfig.from_mapping(cfg, attention="sdpa")
