@@ -15,8 +15,9 @@ strongest baseline: llama.cpp as it ships, beside the Python-driven rows of `dec
   (`parse_llama_bench_json`, `parse_batched_bench_jsonl`); each row keeps the exact command line.
 
 AMX: llama.cpp's CPU "extra" buffer types (AMX, repack) are what `export.llamacpp.open_llama`
-turns off (use_extra_bufts) for the Python rows; the tools take `--no-extra-bufts` (batched-bench,
-common args) and `-nr/--no-repack` (llama-bench). `EXTRA_BUFTS_OFF` records which is passed.
+turns off (use_extra_bufts) for the Python rows; the tools' switch for them is `--repack 0`
+(llama-bench) and `--no-repack` (batched-bench, llama.cpp's common args). `EXTRA_BUFTS_OFF`.
+Peak RSS is the tool's own (VmHWM while it runs, `_run_tool`), not wait4's, which is the parent's.
 """
 from __future__ import annotations
 
@@ -249,15 +250,29 @@ def parse_batched_bench_jsonl(text: str) -> list[dict]:
 
 
 def _run_tool(cmd: list[str]) -> tuple[int, str, str, float]:
-    """(exit code, negative for a signal; stdout; stderr; the child's peak RSS in MiB)."""
+    """(exit code, negative for a signal; stdout; stderr; the tool's peak RSS in MiB).
+    The peak is VmHWM of /proc/<pid>/status, read every 20 ms while the tool runs (it only grows, so
+    the last read misses at most the final 20 ms): wait4's ru_maxrss would be the Python parent's,
+    which Linux carries over as an exec'd child's high-water mark (about 340 MiB here, for a tool
+    that peaks at 12)."""
+    import re
+
+    peak_kib = 0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)  # returns after exec
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                m = re.search(r"^VmHWM:\s+(\d+) kB", status.read_text(), re.M)
+            except OSError:  # exited between poll and read
+                m = None
+            if m:
+                peak_kib = max(peak_kib, int(m[1]))
+            time.sleep(0.02)
         out.seek(0)
         err.seek(0)
         return (proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                usage.ru_maxrss / 1024)
+                peak_kib / 1024)
 
 
 def _run_with_fallback(tool: str, cmd: list[str]) -> tuple[str, str, float, list[str], str]:
@@ -291,7 +306,8 @@ def llama_bench(binary: Path, gguf: str, prompt_len: int, new_tokens: int, reps:
            "prefill_samples_ts": pp.get("samples_ts"), "decode_samples_ts": tg.get("samples_ts"),
            "peak_rss_mib": round(rss, 1)}
     return {"results": {"batch_1": row}, "command": shlex.join(cmd), "kv_cache": kv,
-            "flash_attn": FLASH_ATTN.get(pp.get("flash_attn"), pp.get("flash_attn")), "n_batch": pp.get("n_batch"), "n_ubatch": pp.get("n_ubatch"),
+            "flash_attn": FLASH_ATTN.get(pp.get("flash_attn"), pp.get("flash_attn")), "n_batch": pp.get("n_batch"),
+            "n_ubatch": pp.get("n_ubatch"),
             "extra_bufts": note, "build_commit": pp.get("build_commit"), "peak_rss_mib": round(rss, 1),
             "note": "pp and tg are separate tests; tg starts from an empty context (llama-bench's default depth 0)"}
 
@@ -326,7 +342,8 @@ def batched_bench(binary: Path, gguf: str, prompt_len: int, new_tokens: int, bat
         res["commands"][f"batch_{b}"] = shlex.join(cmd)
         res["results"][f"batch_{b}"]["runs"] = attempt
         res.update(kv_cache="f16 (llama.cpp's -ctk/-ctv default, not passed)",
-                   flash_attn=FLASH_ATTN.get(lines[0].get("flash_attn"), lines[0].get("flash_attn")), n_batch=lines[0].get("n_batch"),
+                   flash_attn=FLASH_ATTN.get(lines[0].get("flash_attn"), lines[0].get("flash_attn")),
+                   n_batch=lines[0].get("n_batch"),
                    n_ubatch=lines[0].get("n_ubatch"), extra_bufts=note)
     res["command"] = " ; ".join(res["commands"].values())
     res["peak_rss_mib"] = max(r["peak_rss_mib"] for r in res["results"].values())

@@ -250,7 +250,8 @@ def _md_decode(de: dict) -> list[str]:
             f"params; greedy, prompt {de['prompt_len']} tokens + {de['new_tokens']} new per sequence, median of "
             f"{de['reps']}. Decode tokens/s = batch x new tokens / (generate - prefill) for atlas_jax, / the decode "
             f"loop for the 'llama.cpp <type>' rows (llama-cpp-python's batch API, {de['llamacpp_threads']} threads, "
-            f"f32 KV cache, batch B = B sequences in one llama_batch; llama.cpp's own tools below the table)." f" Load average {de['load_avg_start']} -> {de['load_avg_end']}.", ""] + _table(
+            f"f32 KV cache, batch B = B sequences in one llama_batch; llama.cpp's own tools below the table). "
+            f"Load average {de['load_avg_start']} -> {de['load_avg_end']}.", ""] + _table(
         ["engine", "batch", "prefill tokens/s", "decode tokens/s", "peak RSS (MiB)", "atlas_jax decode speed-up",
          "same greedy tokens (row 0)"], rows) + ([""] + _TOOLS_NOTE + tools if tools else []) + [""]
 

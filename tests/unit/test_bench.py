@@ -304,3 +304,13 @@ def test_llamacpp_tool_rows_without_the_tools_are_one_skipped_line_naming_the_bu
     for tool, row in rows.items():
         assert set(row) == {"skipped"} and "python scripts/build_llamacpp_tools.py" in row["skipped"], (tool, row)
         assert str(tmp_path) in row["skipped"] and "\n" not in row["skipped"], row
+
+
+def test_a_llamacpp_tool_run_reports_its_own_peak_rss_not_the_python_parents():
+    import resource
+
+    from atlas_jax.bench.llamacpp_tools import _run_tool
+
+    rc, _, _, rss_mib = _run_tool(["sleep", "0.3"])
+    parent_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # what wait4 would carry over
+    assert rc == 0 and 0 < rss_mib < min(50, parent_mib / 2), f"sleep's peak RSS {rss_mib} MiB (parent {parent_mib})"
