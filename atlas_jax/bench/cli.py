@@ -17,7 +17,9 @@
   step time after warm-up (pooled over --rounds interleaved rounds), tokens/s, MFU, peak memory,
   atlas_jax's speed-up over each.
 - decode: greedy prefill and decode tokens/s at batch 1 and 32, atlas_jax (`sample.generate`)
-  against llama.cpp on GGUF files exported from the same params (f32 and q8_0).
+  against llama.cpp on GGUF files exported from the same params (f32 and q8_0): driven from Python
+  (llama-cpp-python's batch API) and by llama.cpp's own llama-bench and llama-batched-bench on the
+  same files and threads (built once: python scripts/build_llamacpp_tools.py; --llamacpp-tools DIR).
 - scaling: atlas_jax (and torch eager) tokens/s as the sequence grows and as the model grows.
 - longctx: training tokens/s, peak RSS and the attention's compiled temporaries per sequence length
   (256..4096 at the shakespeare width, a fixed number of tokens per step), one column per
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--ftypes", type=names_from(ALL_FTYPES), default="f32,q8_0", help="GGUF types for llama.cpp")
     d.add_argument("--threads", type=positive_int, help=f"llama.cpp threads (default: the {cores()} cores here)")
     d.add_argument("--reps", type=positive_int, help="timed repetitions (default 3; --quick 1)")
+    d.add_argument("--llamacpp-tools", metavar="DIR",
+                   help="llama-bench and llama-batched-bench are here (default: $ATLAS_CACHE/llamacpp-tools/"
+                        "<llama-cpp-python version>, built by python scripts/build_llamacpp_tools.py)")
     s = sub.add_parser("scaling", parents=[common], help="tokens/s against sequence length and model size")
     s.add_argument("--seq-lens", type=positive_ints, help="default 256,512,1024,2048 (--quick 32,64)")
     s.add_argument("--tokens-per-step", type=positive_int,
@@ -166,6 +171,11 @@ def check_inputs(args, out: Path) -> None:
         return
     bench_config(args)  # a missing or bad --config, a bad override: one line now, not after a measurement
     if args.command == "decode":
+        tools = args.llamacpp_tools and Path(args.llamacpp_tools)
+        if tools and not tools.is_dir():
+            raise BenchError(f"--llamacpp-tools {tools}: no such directory; give the directory that holds "
+                             f"llama-bench and llama-batched-bench, or leave it out (default: the cache that "
+                             f"python scripts/build_llamacpp_tools.py builds)")
         corpus = Path(args.corpus)
         if corpus.is_dir():
             raise BenchError(f"--corpus {corpus}: is a directory; give a UTF-8 text file")

@@ -1,5 +1,9 @@
 """`bench decode`: greedy prefill and decode tokens/s at each batch size, atlas_jax's
-`sample.generate` against llama.cpp on GGUF files exported from the same params."""
+`sample.generate` against llama.cpp on GGUF files exported from the same params: driven from Python
+through llama-cpp-python's batch API (`decode_llamacpp`, rows "llama.cpp <ftype>"), and through
+llama.cpp's own `llama-bench` (batch 1) and `llama-batched-bench` (every batch) on the same file and
+thread count (bench.llamacpp_tools; rows "llama-bench <ftype>", "llama-batched-bench <ftype>"; built
+once by `python scripts/build_llamacpp_tools.py`, a one-line "skipped" row each when not built)."""
 from __future__ import annotations
 
 import dataclasses
@@ -12,6 +16,7 @@ import numpy as np
 
 from atlas_jax.bench.common import (BenchError, bench_config, cores, flat_params, in_child, load_avg, log,
                                     model_summary, record_memory, rss_mib)
+from atlas_jax.bench.llamacpp_tools import tool_rows
 
 
 def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], batches: list[int],
@@ -236,14 +241,19 @@ def cmd_decode(args) -> dict:
             res["gguf_mib"] = round(path.stat().st_size / 2**20, 2)
             section["frameworks"][f"llama.cpp {ftype}"] = res
             log(f"  llama.cpp {ftype}: " + _decode_line(res))
+            for tool, row in tool_rows(args.llamacpp_tools, str(path), p, new, batches, reps, threads).items():
+                section["frameworks"][f"{tool} {ftype}"] = row
+                log(f"  {tool} {ftype}: " + _decode_line(row))
     ours = section["frameworks"]["atlas_jax"].get("results", {})
     for name, r in section["frameworks"].items():
-        if name == "atlas_jax" or "results" not in r:
+        if name == "atlas_jax" or "results" not in r:  # an error, or tools not built
             continue
         for key, row in r["results"].items():
             if key in ours:
                 row["atlas_jax_decode_speedup"] = ours[key]["decode_tokens_per_s"] / row["decode_tokens_per_s"]
                 row["atlas_jax_prefill_speedup"] = ours[key]["prefill_tokens_per_s"] / row["prefill_tokens_per_s"]
+                if "greedy_row0" not in row:  # llama.cpp's tools decode random tokens
+                    continue
                 a, b = ours[key]["greedy_row0"], row["greedy_row0"]
                 row["greedy_same_prefix"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y),
                                                  min(len(a), len(b)))
@@ -268,7 +278,7 @@ def _per_batch_children(fn, batches: list[int], **kwargs) -> dict:
 
 
 def _decode_line(res: dict) -> str:
-    if "error" in res:
-        return res["error"]
+    if "error" in res or "skipped" in res:
+        return res.get("error") or res["skipped"]
     return ", ".join(f"{k}: decode {v['decode_tokens_per_s']:,.0f} tok/s, "
                      f"prefill {v['prefill_tokens_per_s']:,.0f} tok/s" for k, v in res["results"].items())

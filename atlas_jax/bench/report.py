@@ -264,13 +264,25 @@ def _md_train(tr: dict) -> list[str]:
          "first loss", "atlas_jax speed-up"], rows) + [""]
 
 
+_TOOLS_NOTE = ["llama-bench / llama-batched-bench rows: llama.cpp's own tools, as it ships (its defaults but the "
+               "sizes and threads), on the same GGUF file; tokens/s are theirs (llama-bench avg_ts; batched-bench "
+               "S_PP and S_TG, median over reps after one warm-up run); they decode random tokens, so no greedy "
+               "comparison. Commands:", ""]
+
+
 def _md_decode(de: dict) -> list[str]:
     m = de["model"]
     rows = []
+    tools = []  # llama.cpp's own tools: each run's command and settings, under the table
     for name, r in de["frameworks"].items():
-        if "error" in r:
-            rows.append([name, f"error: {r['error']}"] + [""] * 5)
+        if "error" in r or "skipped" in r:
+            rows.append([name, f"error: {r['error']}" if "error" in r else f"skipped: {r['skipped']}"] + [""] * 5)
             continue
+        if "command" in r:
+            tools.append(f"- {name}: KV cache {r['kv_cache']}, flash_attn {r.get('flash_attn')}, n_batch "
+                         f"{r.get('n_batch')}/n_ubatch {r.get('n_ubatch')}, extra buffer types {r['extra_bufts']}"
+                         + (f"; {r['note']}" if r.get("note") else "") + ": "
+                         + "; ".join(f"`{c}`" for c in (r.get("commands") or {"": r["command"]}).values()))
         for key, row in r["results"].items():
             same = row.get("greedy_same_prefix")
             rows.append([name, key.split("_")[1], _fmt(row["prefill_tokens_per_s"]), _fmt(row["decode_tokens_per_s"]),
@@ -280,10 +292,11 @@ def _md_decode(de: dict) -> list[str]:
             f"{m['arch']}, d_model {m['d_model']}, {m['n_layers']} layers, vocab {m['vocab_size']}, {m['params']:,} "
             f"params; greedy, prompt {de['prompt_len']} tokens + {de['new_tokens']} new per sequence, median of "
             f"{de['reps']}. Decode tokens/s = batch x new tokens / (generate - prefill) for atlas_jax, / the decode "
-            f"loop for llama.cpp ({de['llamacpp_threads']} threads, f32 KV cache, batch B = B sequences in one "
-            f"llama_batch). Load average {de['load_avg_start']} -> {de['load_avg_end']}.", ""] + _table(
+            f"loop for the 'llama.cpp <type>' rows (llama-cpp-python's batch API, {de['llamacpp_threads']} threads, "
+            f"f32 KV cache, batch B = B sequences in one llama_batch; llama.cpp's own tools below the table). "
+            f"Load average {de['load_avg_start']} -> {de['load_avg_end']}.", ""] + _table(
         ["engine", "batch", "prefill tokens/s", "decode tokens/s", "peak RSS (MiB)", "atlas_jax decode speed-up",
-         "same greedy tokens (row 0)"], rows) + [""]
+         "same greedy tokens (row 0)"], rows) + ([""] + _TOOLS_NOTE + tools if tools else []) + [""]
 
 
 def _md_scaling(sc: dict) -> list[str]:

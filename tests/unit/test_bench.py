@@ -75,12 +75,35 @@ def test_decode_measures_atlas_and_llamacpp_at_both_batch_sizes(bench):
     assert {"atlas_jax", "llama.cpp f32", "llama.cpp q8_0"} <= set(fws), f"engines: {sorted(fws)}"
     for name, r in fws.items():
         assert "error" not in r, f"decode.{name}: {r.get('error')}"
+        if "skipped" in r:  # llama.cpp's tools, not built on this machine: one line naming the build script
+            assert name.startswith(("llama-bench ", "llama-batched-bench ")), f"decode.{name} skipped: {r['skipped']}"
+            assert "scripts/build_llamacpp_tools.py" in r["skipped"] and "\n" not in r["skipped"], r["skipped"]
+            continue
         _positive(r, ["peak_rss_mib"], f"decode.{name}")
-        assert set(r["results"]) == {"batch_1", "batch_32"}, f"decode.{name}: {sorted(r['results'])}"
+        want = {"batch_1"} if name.startswith("llama-bench ") else {"batch_1", "batch_32"}  # llama-bench: batch 1
+        assert set(r["results"]) == want, f"decode.{name}: {sorted(r['results'])}"
         for key, row in r["results"].items():
             _positive(row, ["prefill_tokens_per_s", "decode_tokens_per_s"], f"decode.{name}.{key}")
             if name != "atlas_jax":
                 _positive(row, ["atlas_jax_decode_speedup"], f"decode.{name}.{key}")
+
+
+def test_decode_without_the_llamacpp_tools_has_one_skipped_line_per_tool_and_still_measures_the_rest(tmp_path):
+    out = tmp_path / "bench.json"
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "scripts/bench.py", "decode", "--quick", "--batches", "1", "--ftypes", "f32",
+                           "--llamacpp-tools", str(tmp_path), "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"bench.py decode --quick exited {proc.returncode}: {proc.stderr[-3000:]}"
+    fws = json.loads(out.read_text())["decode"]["frameworks"]
+    for tool in ("llama-bench f32", "llama-batched-bench f32"):
+        assert set(fws[tool]) == {"skipped"}, f"decode.{tool}: {fws[tool]}"
+        assert "python scripts/build_llamacpp_tools.py" in fws[tool]["skipped"], fws[tool]["skipped"]
+    for name in ("atlas_jax", "llama.cpp f32"):
+        _positive(fws[name]["results"]["batch_1"], ["prefill_tokens_per_s", "decode_tokens_per_s"], f"decode.{name}")
+    md = out.with_suffix(".md").read_text()
+    assert f"| llama-bench f32 | skipped: llama.cpp tools not built in {tmp_path}" in md, md[-2000:]
 
 
 def test_scaling_covers_sequence_lengths_and_sizes_and_plots(bench):
@@ -217,3 +240,97 @@ def test_moe_on_a_dense_model_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "model.moe_experts" in lines[0], proc.stderr
+
+
+# Real output of the tools built by scripts/build_llamacpp_tools.py (llama-cpp-python 0.3.36's
+# vendored llama.cpp) on the --quick tiny llama exported as q8_0, 2 threads, cut to a few fields:
+#   llama-bench -m q8_0.gguf -p 16 -n 16 -r 2 -t 2 -o json --repack 0
+#   llama-batched-bench -m q8_0.gguf -c 1024 -npp 16 -ntg 16 -npl 32,32 -t 2 -tb 2 --output-format jsonl --no-repack
+LLAMA_BENCH_JSON = """[
+  {
+    "model_type": "llama ?B Q8_0",
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "n_threads": 2,
+    "type_k": "f16",
+    "type_v": "f16",
+    "flash_attn": -1,
+    "repack": false,
+    "n_prompt": 16,
+    "n_gen": 0,
+    "n_depth": 0,
+    "avg_ns": 176837,
+    "avg_ts": 91164.597871,
+    "stddev_ts": 11184.237142,
+    "samples_ns": [ 192178, 161497 ],
+    "samples_ts": [ 83256.1, 99073 ]
+  },
+  {
+    "model_type": "llama ?B Q8_0",
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "n_threads": 2,
+    "type_k": "f16",
+    "type_v": "f16",
+    "flash_attn": -1,
+    "repack": false,
+    "n_prompt": 0,
+    "n_gen": 16,
+    "n_depth": 0,
+    "avg_ns": 880506,
+    "avg_ts": 18231.571701,
+    "stddev_ts": 1481.732928,
+    "samples_ns": [ 931108, 829905 ],
+    "samples_ts": [ 17183.8, 19279.3 ]
+  }
+]
+"""
+BATCHED_BENCH_OUT = """\
+{"n_kv_max": 8192, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, "n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 16, "tg": 16, "pl": 32, "n_kv": 1024, "t_pp": 0.008591, "speed_pp": 59597.253906, "t_tg": 0.013154, "speed_tg": 38923.519531, "t": 0.021745, "speed": 47091.285156}
+{"n_kv_max": 8192, "n_batch": 2048, "n_ubatch": 512, "flash_attn": -1, "is_pp_shared": 0, "n_gpu_layers": -1, "n_threads": 2, "n_threads_batch": 2, "pp": 16, "tg": 16, "pl": 32, "n_kv": 1024, "t_pp": 0.004189, "speed_pp": 122224.875000, "t_tg": 0.011497, "speed_tg": 44533.355469, "t": 0.015686, "speed": 65281.144531}
+
+0.00.008.437 W llama_context: n_ctx is not divisible by n_seq_max - rounding down to 8192
+0.00.008.482 W llama_context: n_ctx_seq (256) > n_ctx_train (64) -- possible training context overflow
+"""  # noqa: E501
+
+
+def test_llama_bench_json_parser_finds_the_prompt_and_the_generation_test():
+    from atlas_jax.bench.llamacpp_tools import parse_llama_bench_json
+
+    tests = parse_llama_bench_json(LLAMA_BENCH_JSON)
+    assert tests["pp"]["n_prompt"] == 16 and tests["pp"]["avg_ts"] == 91164.597871, tests["pp"]
+    assert tests["tg"]["n_gen"] == 16 and tests["tg"]["avg_ts"] == 18231.571701, tests["tg"]
+    assert tests["pp"]["type_k"] == "f16" and tests["tg"]["samples_ts"] == [17183.8, 19279.3]
+    with pytest.raises(ValueError, match="expected a pp and a tg test"):
+        parse_llama_bench_json("[]")
+
+
+def test_batched_bench_jsonl_parser_reads_each_result_line_and_skips_the_log():
+    from atlas_jax.bench.llamacpp_tools import parse_batched_bench_jsonl
+
+    rows = parse_batched_bench_jsonl(BATCHED_BENCH_OUT)
+    assert [(r["pp"], r["tg"], r["pl"]) for r in rows] == [(16, 16, 32)] * 2, rows
+    assert [r["speed_pp"] for r in rows] == [59597.253906, 122224.875], "S_PP"
+    assert [r["speed_tg"] for r in rows] == [38923.519531, 44533.355469], "S_TG"
+    with pytest.raises(ValueError, match="no result line"):  # what a run whose lines were lost gives
+        parse_batched_bench_jsonl(BATCHED_BENCH_OUT.split("\n\n")[1])
+
+
+def test_llamacpp_tool_rows_without_the_tools_are_one_skipped_line_naming_the_build_script(tmp_path):
+    from atlas_jax.bench.llamacpp_tools import TOOLS, tool_rows
+
+    rows = tool_rows(tmp_path, str(tmp_path / "m.gguf"), 16, 16, [1, 32], 1, 2)
+    assert set(rows) == set(TOOLS), rows
+    for tool, row in rows.items():
+        assert set(row) == {"skipped"} and "python scripts/build_llamacpp_tools.py" in row["skipped"], (tool, row)
+        assert str(tmp_path) in row["skipped"] and "\n" not in row["skipped"], row
+
+
+def test_a_llamacpp_tool_run_reports_its_own_peak_rss_not_the_python_parents():
+    import resource
+
+    from atlas_jax.bench.llamacpp_tools import _run_tool
+
+    rc, _, _, rss_mib = _run_tool(["sleep", "0.3"])
+    parent_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # what wait4 would carry over
+    assert rc == 0 and 0 < rss_mib < min(50, parent_mib / 2), f"sleep's peak RSS {rss_mib} MiB (parent {parent_mib})"
