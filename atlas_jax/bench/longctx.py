@@ -66,5 +66,5 @@ def cmd_longctx(args) -> dict:
         section["points"].append(point)
     section["load_avg_end"] = load_avg()
     plot_longctx(section, png)
-    section["png"] = str(png.relative_to(REPO)) if png.resolve().is_relative_to(REPO) else str(png)
+    section["png"] = str(png.resolve().relative_to(REPO)) if png.resolve().is_relative_to(REPO) else str(png)
     return section

@@ -145,7 +145,7 @@ def cmd_scaling(args) -> dict:
         log(f"  {name}: " + _point_line(point))
     section["load_avg_end"] = load_avg()
     plot_scaling(section, png)
-    section["png"] = str(png.relative_to(REPO)) if png.resolve().is_relative_to(REPO) else str(png)
+    section["png"] = str(png.resolve().relative_to(REPO)) if png.resolve().is_relative_to(REPO) else str(png)
     return section
 
 
