@@ -211,8 +211,9 @@ def flat_params(params) -> dict[str, np.ndarray]:
     return {k: np.asarray(v) for k, v in flatten(params).items()}
 
 
-def nested_params(path: str) -> dict:
-    """A params .npz written from `flat_params` -> the nested params dict."""
+def nested_params(path: str, put=None) -> dict:
+    """A params .npz written from `flat_params` -> the nested params dict, read one tensor at a time;
+    put(array) (e.g. onto a device) is applied to each as it is read, so no second host copy exists."""
     out: dict = {}
     with np.load(path) as z:
         for name in z.files:
@@ -220,7 +221,7 @@ def nested_params(path: str) -> dict:
             *parents, leaf = name.split("/")
             for p in parents:
                 node = node.setdefault(p, {})
-            node[leaf] = z[name]
+            node[leaf] = z[name] if put is None else put(z[name])
     return out
 
 

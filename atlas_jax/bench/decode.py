@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from atlas_jax.bench.common import (BenchError, bench_config, cores, flat_params, in_child, load_avg, log,
-                                    model_summary, record_memory, rss_mib)
+                                    model_summary, nested_params, record_memory, rss_mib)
 from atlas_jax.bench.llamacpp_tools import tool_rows
 
 
@@ -56,15 +56,13 @@ def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], 
         programs[b] = (run, lambda params, pre=pre, tokens=tokens, positions=positions: pre(params, tokens, positions))
     release_host_memory()
     rss_compiled = rss_mib()
-    params = {}
-    with np.load(params_in) as z:  # one tensor at a time: never a second host copy of the weights
-        for name in z.files:
-            node = params
-            *parents, leaf = name.split("/")
-            for q in parents:
-                node = node.setdefault(q, {})
-            node[leaf] = jax.block_until_ready(jax.device_put(z[name]))
-            release_host_memory()
+
+    def put(array):  # onto the device, the host copy released before the next tensor is read
+        out = jax.block_until_ready(jax.device_put(array))
+        release_host_memory()
+        return out
+
+    params = nested_params(params_in, put)
 
     def timed(fn, *args):
         jax.block_until_ready(fn(*args))  # warm-up (compiled already)
