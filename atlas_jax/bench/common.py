@@ -121,19 +121,20 @@ def load_avg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _status_mib(key: str) -> float:
-    m = re.search(rf"^{key}:\s+(\d+)", Path("/proc/self/status").read_text(), re.M)
+def status_mib(key: str, pid: int | str = "self") -> float:
+    """A memory field of /proc/<pid>/status (VmRSS, VmHWM) in MiB; 0.0 where it has none."""
+    m = re.search(rf"^{key}:\s+(\d+)", Path(f"/proc/{pid}/status").read_text(), re.M)
     return int(m[1]) / 1024 if m else 0.0
 
 
 def rss_mib() -> float:
-    return _status_mib("VmRSS")
+    return status_mib("VmRSS")
 
 
 def peak_rss_mib() -> float:
     """This process's high-water RSS. Not getrusage's ru_maxrss: Linux carries that across exec, so
     a spawned child would report its parent's peak when that is larger."""
-    return _status_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return status_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def matmul_peak_flops(n: int, reps: int = 5, framework: str = "jax") -> float:

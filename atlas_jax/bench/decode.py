@@ -57,7 +57,7 @@ def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], 
     release_host_memory()
     rss_compiled = rss_mib()
 
-    def put(array):  # onto the device, the host copy released before the next tensor is read
+    def put(array):  # onto the device; malloc_trim hands back the previous tensor's freed host copy
         out = jax.block_until_ready(jax.device_put(array))
         release_host_memory()
         return out

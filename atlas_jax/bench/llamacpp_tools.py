@@ -255,24 +255,20 @@ def _run_tool(cmd: list[str]) -> tuple[int, str, str, float]:
     the last read misses at most the final 20 ms): wait4's ru_maxrss would be the Python parent's,
     which Linux carries over as an exec'd child's high-water mark (about 340 MiB here, for a tool
     that peaks at 12)."""
-    import re
+    from atlas_jax.bench.common import status_mib
 
-    peak_kib = 0
+    peak = 0.0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL)  # returns after exec
-        status = Path(f"/proc/{proc.pid}/status")
         while proc.poll() is None:
             try:
-                m = re.search(r"^VmHWM:\s+(\d+) kB", status.read_text(), re.M)
+                peak = max(peak, status_mib("VmHWM", proc.pid))
             except OSError:  # exited between poll and read
-                m = None
-            if m:
-                peak_kib = max(peak_kib, int(m[1]))
+                pass
             time.sleep(0.02)
         out.seek(0)
         err.seek(0)
-        return (proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"),
-                peak_kib / 1024)
+        return proc.returncode, out.read().decode(errors="replace"), err.read().decode(errors="replace"), peak
 
 
 def _run_with_fallback(tool: str, cmd: list[str]) -> tuple[str, str, float, list[str], str]:
