@@ -232,6 +232,10 @@ def make_train_step(cfg: Config, mesh: Mesh, shardings: PyTree, base: PyTree | N
         # An update may overflow finite params too (checked leaf by leaf: a norm of huge finite values
         # would itself overflow).
         ok = ok & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(new_params)]))
+        # Computed once: left to itself XLA fuses this cheap scalar chain (an `and` per leaf) into every
+        # leaf's select below, leaves^2 instructions (a 36-layer GPT-2 compiled for 15 minutes). XLA does
+        # not duplicate an expensive op (a sqrt) into several consumers, so the chain ends in one.
+        ok = jnp.sqrt(ok.astype(jnp.float32)) > 0.5
         keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
         applied = schedule_count(state["opt_state"])
         new_state = {

@@ -157,6 +157,21 @@ def test_nonfinite_updates_are_skipped_and_counted():
     assert np.array_equal(jax.tree_util.tree_leaves(before["opt_state"])[1], jax.tree_util.tree_leaves(after["opt_state"])[1])
 
 
+def test_the_finite_check_is_computed_once_not_once_per_leaf():
+    """The skip-if-non-finite flag is an `and` over every param leaf; XLA used to fuse that whole chain
+    into each leaf's select (leaves^2 scalar ands: a 36-layer GPT-2 compiled for 15 minutes, 10 GiB)."""
+    cfg = resolve(Config(model=ModelConfig(arch="gpt2", vocab_size=64, d_model=32, n_layers=8, n_heads=2,
+                                           max_seq_len=8),
+                         data=DataConfig(seq_len=8), train=TrainConfig(batch_size=2, mesh=[1, 1])))
+    mesh = make_mesh([1, 1], jax.devices()[:1])
+    state, shardings = create_sharded_state(cfg, mesh)
+    batch = {"inputs": np.zeros((2, 8), np.int32), "targets": np.ones((2, 8), np.int32)}
+    hlo = make_train_step(cfg, mesh, shardings).lower(state, batch).compile().as_text()
+    leaves = len(jax.tree_util.tree_leaves(state["params"]))
+    ands = hlo.count("pred[] and(")
+    assert leaves <= ands < 3 * leaves, f"{ands} scalar ands in the compiled step for {leaves} param leaves"
+
+
 def test_nonfinite_run_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, base_args):
     run_dir = tmp_path / "run"
     # lr 1e30 makes the first update finite but the params enormous: every later gradient overflows.
