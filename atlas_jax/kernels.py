@@ -13,6 +13,8 @@ model, never called by users directly:
   that recomputes the scores from the output and the rows' logsumexp). `model.attention=blocked`
   picks it for the training/eval forward; memory O(T * block), and faster than the einsums from
   T=256 up at the shakespeare width (bench longctx). The KV-cache decode path keeps the einsums.
+- `cached_attention`: the same attention over a KV cache stored [B*K, S, H] (decoding, no gradient),
+  laid out so that XLA:CPU updates the cache in place and never copies or transposes it per step.
 - `rowmajor_grad_dot_general`: nn.Dense's dot_general whose weight gradient x^T g keeps g
   row-major. The model uses it on CPU when no remat policy needs to see plain dot_generals.
 
@@ -116,6 +118,24 @@ def grouped_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array,
     """
     probs = grouped_probs(q_BxKxGxTxH, k_BxKxSxH, mask_BxTxS, sink_KxG).astype(v_BxKxSxH.dtype)
     return grouped_mix(probs, v_BxKxSxH)
+
+
+def cached_attention(q_BxKxGxTxH: Array, k_YxSxH: Array, v_YxSxH: Array, mask_BxTxS: Array,
+                     sink_KxG: Array | None = None) -> Array:
+    """`grouped_attention` over a KV cache whose batch and key-head axes are one, k/v [B*K, S, H] (no
+    gradient). Laid out for XLA:CPU, which otherwise copies every layer's whole cache at every decode step:
+    - the products read the cache as it is stored: a [B, K, S, H] cache meets them through a reshape,
+      and XLA then makes two in-place updates of it (one for the carried cache, one for the product)
+      and copies the cache for each;
+    - the scores are k . q^T, [B*K, S, G*T], transposed afterwards (small when decoding): q . k^T made
+      XLA transpose the whole key cache to put its contracting axis first."""
+    b, kv, g, t, h = q_BxKxGxTxH.shape
+    s = k_YxSxH.shape[1]
+    scores_YxSxX = jnp.einsum("ysh,yxh->ysx", k_YxSxH, q_BxKxGxTxH.reshape(b * kv, g * t, h))
+    scores = scores_YxSxX.reshape(b, kv, s, g, t).transpose(0, 1, 3, 4, 2).astype(jnp.float32) / math.sqrt(h)
+    scores = jnp.where(mask_BxTxS[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs_YxXxS = softmax_with_sink(scores, sink_KxG).astype(v_YxSxH.dtype).reshape(b * kv, g * t, s)
+    return jnp.einsum("yxs,ysh->yxh", probs_YxXxS, v_YxSxH).reshape(b, kv, g, t, h)
 
 
 def to_grouped(q_BxTxNxH: Array, n_kv_heads: int) -> Array:

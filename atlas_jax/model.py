@@ -68,8 +68,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from atlas_jax.config import ModelConfig
-from atlas_jax.kernels import (blocked_attention_btnh, einsum_attention, einsum_attention_with_probs, from_grouped,
-                               grouped_attention, rowmajor_grad_dot_general, to_grouped)
+from atlas_jax.kernels import (blocked_attention_btnh, cached_attention, einsum_attention, einsum_attention_with_probs,
+                               from_grouped, rowmajor_grad_dot_general, to_grouped)
 from atlas_jax.moe import EXPERT_IMPLS, experts_all_to_all, load_balance_loss, route, router_z_loss
 
 Array = jax.Array
@@ -219,17 +219,20 @@ def make_dense(cfg: ModelConfig, features: int, name: str, std: float, use_bias:
                     kernel_init=_normal(std), dot_general=rowmajor_grad_dot_general if rowmajor else None, name=name)
 
 
-def write_cache(cache_BxKxSxH: Array, new_BxLxKxH: Array, where: Array, n_sinks: int) -> Array:
-    """The new keys or values in a head-major cache. where: the slot index of the block's first token
-    (a plain cache: the L = n_sinks + T rows go to slots 0..n_sinks-1 and n_sinks + where..), or
-    slots_BxL (a streaming cache: a scatter, out-of-range slots dropped)."""
-    new = new_BxLxKxH.astype(cache_BxKxSxH.dtype)
+def write_cache(cache_YxSxH: Array, new_BxLxKxH: Array, where: Array, n_sinks: int) -> Array:
+    """The new keys or values in a cache [B*K, S, H] (`init_cache`). where: the slot index of the block's
+    first token (a plain cache: the L = n_sinks + T rows go to slots 0..n_sinks-1 and n_sinks + where..),
+    or slots_BxL (a streaming cache: a scatter, out-of-range slots dropped)."""
+    b, l, k, h = new_BxLxKxH.shape
+    s = cache_YxSxH.shape[1]
+    new = new_BxLxKxH.astype(cache_YxSxH.dtype)
     if where.ndim == 2:  # indexing [b, :, slot] takes the values as [B, L, K, H], the layout they have
-        return cache_BxKxSxH.at[jnp.arange(new.shape[0])[:, None], :, where].set(new, mode="drop")
-    new = new.transpose(0, 2, 1, 3)
+        cache_BxKxSxH = cache_YxSxH.reshape(b, k, s, h)
+        return cache_BxKxSxH.at[jnp.arange(b)[:, None], :, where].set(new, mode="drop").reshape(b * k, s, h)
+    new = new.transpose(0, 2, 1, 3).reshape(b * k, l, h)
     if n_sinks:
-        cache_BxKxSxH = jax.lax.dynamic_update_slice(cache_BxKxSxH, new[:, :, :n_sinks], (0, 0, 0, 0))
-    return jax.lax.dynamic_update_slice(cache_BxKxSxH, new[:, :, n_sinks:], (0, 0, n_sinks + where, 0))
+        cache_YxSxH = jax.lax.dynamic_update_slice(cache_YxSxH, new[:, :n_sinks], (0, 0, 0))
+    return jax.lax.dynamic_update_slice(cache_YxSxH, new[:, n_sinks:], (0, n_sinks + where, 0))
 
 
 # With this collection mutable (model.apply(..., mutable=[ATTENTION_WEIGHTS])) each layer's full forward
@@ -267,17 +270,18 @@ class Attention(nn.Module):
         sink_N = self.sink.astype(jnp.float32) if c.sink_logits else None
         new_cache = None
         if kv_cache is not None:
-            # The cache is head-major [B, K, S, H]: the grouped einsums read it as it lies, where a
-            # [B, S, K, H] cache would be transposed whole at every decode step.
+            # The cache is head-major [B*K, S, H]: the products read it as it lies (kernels.cached_attention).
             k_all = write_cache(kv_cache["k"], k, cache_index, c.sink_tokens)
             v_all = write_cache(kv_cache["v"], v, cache_index, c.sink_tokens)
             new_cache = {"k": k_all, "v": v_all}
             k_att = k_all.astype(q.dtype)
             if key_positions_BxS is not None:
-                k_att = apply_rope(k_att.transpose(0, 2, 1, 3), key_positions_BxS, c.rope_theta).transpose(0, 2, 1, 3)
+                s = k_att.shape[1]
+                k_BxSxKxH = k_att.reshape(b, c.n_kv_heads, s, c.head_dim).transpose(0, 2, 1, 3)
+                k_att = apply_rope(k_BxSxKxH, key_positions_BxS, c.rope_theta).transpose(0, 2, 1, 3).reshape(k_att.shape)
             sink_KxG = None if sink_N is None else sink_N.reshape(c.n_kv_heads, -1)
-            out = from_grouped(grouped_attention(to_grouped(q, c.n_kv_heads), k_att, v_all.astype(q.dtype),
-                                                 mask_BxTxS, sink_KxG))
+            out = from_grouped(cached_attention(to_grouped(q, c.n_kv_heads), k_att, v_all.astype(q.dtype),
+                                                mask_BxTxS, sink_KxG))
         elif self.is_mutable_collection(ATTENTION_WEIGHTS):  # the einsum kernel, its softmax kept
             out, probs_BxNxTxS = einsum_attention_with_probs(q, k, v, mask_BxTxS, sink_N)
             self.sow(ATTENTION_WEIGHTS, "probs", probs_BxNxTxS)
@@ -509,7 +513,7 @@ class Transformer(nn.Module):
             rope_pos_BxL = jnp.where(pos_BxL < keep, pos_BxL, pos_BxL - shift_Bx1).clip(0)
         else:
             slots_L = jnp.concatenate([jnp.arange(n), n + index + jnp.arange(t)])
-            pos_BxS = write_cache(cache["pos"][:, None, :, None], pos_BxL[:, :, None, None], index, n)[:, 0, :, 0]
+            pos_BxS = write_cache(cache["pos"][:, :, None], pos_BxL[:, :, None, None], index, n)[:, :, 0]
             where = index
             causal_LxS = slot_S[None, :] <= slots_L[:, None]
             # A padded query sees its own slot, so no softmax row is empty.
@@ -528,12 +532,13 @@ class Transformer(nn.Module):
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int | None = None, dtype=None,
                n_sink: int | None = None) -> PyTree:
-    """An empty KV cache: per layer k/v [B, KV, S, Dh] (head-major), slot positions [B, S] (-1 = empty),
+    """An empty KV cache: per layer k/v [B*KV, S, Dh] (row b*KV + k: sequence b's key head k; the layout
+    kernels.cached_attention reads as it lies), slot positions [B, S] (-1 = empty),
     S = model.sink_tokens + max_len tokens. n_sink given: a streaming cache (`Transformer.decode`) that
     keeps the sink tokens and the first n_sink tokens and rolls the others (max_len is its window)."""
     s = cfg.sink_tokens + (max_len or cfg.max_seq_len)
     dtype = dtype or dtype_of(cfg.compute_dtype)
-    shape = (batch, cfg.n_kv_heads, s, cfg.head_dim)
+    shape = (batch * cfg.n_kv_heads, s, cfg.head_dim)
     layers = [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(cfg.n_layers)]
     cache = {"layers": layers, "pos": jnp.full((batch, s), -1, jnp.int32), "index": jnp.array(0, jnp.int32)}
     if n_sink is not None:

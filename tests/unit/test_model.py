@@ -85,7 +85,7 @@ def test_init_cache_shapes_and_decode_advances_the_index():
     cfg = tiny(compute_dtype="bfloat16")
     cache = M.init_cache(cfg, batch=2, max_len=12)
     assert len(cache["layers"]) == cfg.n_layers
-    assert all(kv["k"].shape == kv["v"].shape == (2, KV, 12, cfg.head_dim) and kv["k"].dtype == jnp.bfloat16
+    assert all(kv["k"].shape == kv["v"].shape == (2 * KV, 12, cfg.head_dim) and kv["k"].dtype == jnp.bfloat16
                for kv in cache["layers"])
     assert cache["pos"].shape == (2, 12) and bool(jnp.all(cache["pos"] == -1)) and int(cache["index"]) == 0
     params = M.init_params(cfg, jax.random.key(0))
