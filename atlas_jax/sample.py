@@ -352,16 +352,23 @@ def release_host_memory() -> None:
         pass
 
 
+def to_device(array) -> Array:
+    """A host array -> a device array in a buffer of XLA's own allocator (jnp.array(copy=True)). On CPU,
+    jax.device_put put it in the process heap instead, and decoding read weights placed there ~10% slower
+    (a 102M llama at batch 1, two interleaved runs: 49.9/54.2 vs 53.5/59.6 tok/s)."""
+    return jnp.array(array, copy=True)
+
+
 def device_put_leafwise(params: dict) -> dict:
     """Host params (a nested dict of numpy arrays, emptied as it goes) -> the same tree on the default
     device, one leaf at a time, each host array released once its device copy exists: the peak is one
     copy of the weights plus one leaf, not two copies."""
     if not isinstance(params, dict):
-        return jax.device_put(params)
+        return to_device(params)
     out = {}
     for name in list(params):
         value = params.pop(name)
-        out[name] = device_put_leafwise(value) if isinstance(value, dict) else jax.device_put(value)
+        out[name] = device_put_leafwise(value) if isinstance(value, dict) else to_device(value)
         if not isinstance(value, dict):
             jax.block_until_ready(out[name])
         del value

@@ -28,7 +28,7 @@ def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], 
 
     from atlas_jax.config import ModelConfig, SampleConfig
     from atlas_jax.model import Transformer, init_cache, init_params
-    from atlas_jax.sample import cache_length, compile_generate, prompt_bucket, release_host_memory
+    from atlas_jax.sample import cache_length, compile_generate, prompt_bucket, release_host_memory, to_device
 
     rss0 = rss_mib()
     cfg = ModelConfig(**model_cfg)
@@ -57,8 +57,8 @@ def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], 
     release_host_memory()
     rss_compiled = rss_mib()
 
-    def put(array):  # onto the device; malloc_trim hands back the previous tensor's freed host copy
-        out = jax.block_until_ready(jax.device_put(array))
+    def put(array):  # onto the device (sample.to_device); malloc_trim hands back the previous tensor's freed host copy
+        out = jax.block_until_ready(to_device(array))
         release_host_memory()
         return out
 
