@@ -4,7 +4,9 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -326,7 +328,7 @@ def test_cli_missing_or_corrupt_checkpoint_is_one_line_and_exit_2(tmp_path, monk
 def test_the_decode_loop_updates_the_kv_cache_in_place_without_copying_it(params, batch):
     """The compiled generate loop writes each token's keys and values into the cache in place: no copy
     of a cache-sized buffer per step. A [B, K, S, H] cache read through a reshape made XLA update it
-    twice and copy it ~3 times per layer per step (a 102M llama at batch 1: 104 copies per token);
+    twice and copy it ~3 times per layer per step (a 102M llama at batch 1: 48 cache copies per token);
     a key cache read as q . k^T was transposed whole at every step."""
     prompts = [[5, 9, 2], list(range(1, 10)), list(range(30, 50))][:batch]
     p = sample._prepare(prompts, jax.random.key(0), SAMPLING, CFG, None, None)
@@ -338,8 +340,11 @@ def test_the_decode_loop_updates_the_kv_cache_in_place_without_copying_it(params
     body_name = loop.split("body=", 1)[1].split(",", 1)[0]
     body = hlo.split("\n" + body_name + " ", 1)[1].split("\n}", 1)[0]
     assert "dynamic-update-slice" in body and body.count(cache_shape) > 2 * CFG.n_layers
-    copies = [line for line in body.splitlines() if " copy(" in line and cache_shape in line.split(" copy(")[0]]
-    transposes = [line for line in body.splitlines() if "transpose(" in line and cache_shape.replace(
-        f",{CFG.head_dim}]", "]") in line.split(" = ")[-1].split(" ")[0]]
-    assert not copies, f"{len(copies)} copies of a {cache_shape} cache in the decode loop, e.g. {copies[0][:160]}"
-    assert not transposes, f"{len(transposes)} cache transposes in the decode loop, e.g. {transposes[0][:160]}"
+    # Every copy or transpose (plain, or a fusion named after one) whose output holds as many elements as
+    # a layer's cache: a copied or relaid-out cache, in any axis order.
+    moved = []
+    for line in body.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%(\S*(?:copy|transpose)\S*) = f32\[([\d,]+)\]", line)
+        if m and math.prod(map(int, m.group(2).split(","))) == cache.size:
+            moved.append(line.strip()[:160])
+    assert not moved, f"{len(moved)} copies/transposes of a {cache_shape} cache in the decode loop, e.g. {moved[0]}"
