@@ -328,7 +328,7 @@ def test_cli_missing_or_corrupt_checkpoint_is_one_line_and_exit_2(tmp_path, monk
 def test_the_decode_loop_updates_the_kv_cache_in_place_without_copying_it(params, batch):
     """The compiled generate loop writes each token's keys and values into the cache in place: no copy
     of a cache-sized buffer per step. A [B, K, S, H] cache read through a reshape made XLA update it
-    twice and copy it ~3 times per layer per step (a 102M llama at batch 1: 48 cache copies per token);
+    twice and copy it 4 times per layer per step (a 102M llama at batch 1: 48 cache copies per token);
     a key cache read as q . k^T was transposed whole at every step."""
     prompts = [[5, 9, 2], list(range(1, 10)), list(range(30, 50))][:batch]
     p = sample._prepare(prompts, jax.random.key(0), SAMPLING, CFG, None, None)
