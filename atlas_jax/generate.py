@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--num-samples", type=int, default=1, help="samples per prompt")
     p.add_argument("--chat", action="store_true", help="prompts are user messages in the run's chat template")
     p.add_argument("--chat-template", help="with --chat: a built-in (chatml) or .jinja file instead of the run's")
+    p.add_argument("--kernel-layout", choices=("auto", "in_out", "out_in"), default="auto",
+                   help="how the weights are held for decoding: [in, out] as trained, or [out, in] (faster "
+                        "matrix-vector products); auto: [out, in] on CPU when one row is decoded at a time")
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not use JAX's persistent compilation cache (or ATLAS_COMPILE_CACHE=0)")
     p.add_argument("--jsonl", action="store_true",
@@ -113,11 +116,14 @@ class Session:
     def __init__(self, args: argparse.Namespace):
         from atlas_jax.init_from import load_model
         from atlas_jax.config import validate_sample_window
-        from atlas_jax.sample import check_sample_config, device_put_leafwise
+        from atlas_jax.sample import check_sample_config, device_put_leafwise, preferred_kernel_layout
         from atlas_jax.tokenizer import Tokenizer
 
+        # Streaming decodes one row at a time; --jsonl decodes the --num-samples rows of a prompt together.
+        rows = args.num_samples if args.jsonl else 1
+        self.kernel_layout = preferred_kernel_layout(rows) if args.kernel_layout == "auto" else args.kernel_layout
         params, cfg, tokenizer_path = load_model(args.checkpoint)  # LoRA runs: merged
-        self.params = device_put_leafwise(params)  # one copy of the weights at the peak, not two
+        self.params = device_put_leafwise(params, self.kernel_layout)  # one copy of the weights at the peak, not two
         self.model_cfg = cfg.model
         self.tokenizer = Tokenizer.load(tokenizer_path)
         if self.tokenizer.vocab_size > cfg.model.vocab_size:  # fewer: a padded embedding (rows never emitted)
@@ -168,7 +174,7 @@ class Session:
         start = time.perf_counter()
         tokens_BxN, lengths_B = generate(
             self.params, [ids] * self.num_samples, jax.random.fold_in(self.key, prompt_index), self.sample_cfg,
-            self.model_cfg, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)
+            self.model_cfg, eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id, kernel_layout=self.kernel_layout)
         tokens_BxN, lengths_B = jax.device_get((tokens_BxN, lengths_B))
         elapsed = time.perf_counter() - start
         for row, n in zip(tokens_BxN, lengths_B):
@@ -193,7 +199,8 @@ class Session:
             start = first = time.perf_counter()
             key = jax.random.fold_in(prompt_key, j)[None]  # the key of row j in run_jsonl's batch
             steps = stream(self.params, [ids], key, self.sample_cfg, self.model_cfg,
-                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id)  # checks before printing
+                           eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
+                           kernel_layout=self.kernel_layout)  # checks before printing
             if self.template is None:  # a continuation follows its prompt; a chat reply stands alone
                 sys.stdout.write(f"{BOLD}{prompt}{RESET}" if self.tty else prompt)
             sys.stdout.flush()

@@ -406,6 +406,10 @@ class Transformer(nn.Module):
 
     def setup(self):
         c = self.cfg
+        unresolved = [k for k in ("positions", "norm", "mlp", "n_kv_heads", "d_ff") if getattr(c, k) is None]
+        if unresolved:  # a silent fallback here built another model (no RoPE, LayerNorm, a GELU MLP) for arch llama
+            raise ValueError(f"ModelConfig.{', '.join(unresolved)} unset: build the config with "
+                             f"atlas_jax.config.resolve_model(ModelConfig(...)), which fills model.arch's defaults")
         pd, cd = dtype_of(c.param_dtype), dtype_of(c.compute_dtype)
         self.embed = nn.Embed(c.vocab_size, c.d_model, embedding_init=_normal(0.02),
                               dtype=cd, param_dtype=pd, name="embed")

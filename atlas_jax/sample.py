@@ -33,6 +33,13 @@ Streaming (sample.window > 0, StreamingLLM): the cache holds `window` tokens (pl
 tokens) whatever max_new_tokens is: the first sample.n_sink tokens of each row and a rolling window
 of its latest ones, positions assigned within the cache (`model.init_cache(..., n_sink=)`), so
 generation runs past model.max_seq_len. The prompt must fit in the window.
+
+Kernel layout (`kernel_layout`): the params come as trained, every Dense kernel [in, out]
+("in_out"), or with every Dense kernel stored transposed, [out, in] ("out_in": `transpose_kernels`,
+or `device_put_leafwise(params, "out_in")` while loading). A batch-1 decode step is a chain of
+matrix-vector products that read every weight once; XLA:CPU reads an [out, in] matrix faster for them
+(`preferred_kernel_layout`). The params and the `kernel_layout` argument must agree: it is not
+inferred from the shapes (square kernels look the same either way).
 """
 from __future__ import annotations
 
@@ -42,6 +49,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +63,65 @@ PyTree = Any
 
 MIN_BUCKET = 16
 CACHE_MULTIPLE = 64
+KERNEL_LAYOUTS = ("in_out", "out_in")
+
+
+# --------------------------------------------------------------------------- kernel layout
+
+
+def preferred_kernel_layout(batch: int) -> str:
+    """The faster layout for decoding `batch` rows on this backend: "out_in" on CPU at batch 1, else
+    "in_out". Measured on a 102M llama (f32, 2 cores, greedy, 4 interleaved rounds in one process,
+    medians, docs/benchmarks.md): [out, in] kernels decode batch 1 at 51.8 tok/s against 44.1, and
+    batch 4 at 83.9 against 110.7. At batch 32 (375.0 against 351.0) the rounds overlap."""
+    return "out_in" if batch == 1 and jax.default_backend() == "cpu" else "in_out"
+
+
+def check_kernel_layout(kernel_layout: str) -> None:
+    if kernel_layout not in KERNEL_LAYOUTS:
+        raise ConfigError(f"kernel_layout={kernel_layout!r}: expected one of {', '.join(KERNEL_LAYOUTS)}")
+
+
+def _is_kernel(name: str, value) -> bool:
+    """A Dense kernel leaf (every nn.Dense of the model names its weight `kernel`; nothing else does)."""
+    return name == "kernel" and getattr(value, "ndim", 0) == 2
+
+
+def transpose_kernels(params: PyTree) -> PyTree:
+    """The params (arrays, or jax.ShapeDtypeStruct shapes) with every Dense kernel transposed
+    ([in, out] <-> [out, in]); the rest as it is."""
+    def transposed(v):
+        return jax.ShapeDtypeStruct(v.shape[::-1], v.dtype) if isinstance(v, jax.ShapeDtypeStruct) else v.T
+
+    if not isinstance(params, dict):
+        return params
+    return {k: transposed(v) if _is_kernel(k, v) else transpose_kernels(v) for k, v in params.items()}
+
+
+def _out_in_dense(next_fun, args, kwargs, context):
+    """A flax interceptor: nn.Dense.__call__ with its kernel stored [out, in] (same values as Dense)."""
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, nn.Dense):
+        return next_fun(*args, **kwargs)
+    x = args[0]
+    kernel_OxI = module.get_variable("params", "kernel")
+    if kernel_OxI.shape != (module.features, x.shape[-1]):
+        raise ValueError(f"{'/'.join(module.path)}: kernel_layout='out_in' needs a [{module.features}, "
+                         f"{x.shape[-1]}] kernel, got {list(kernel_OxI.shape)}")
+    dtype = module.dtype or jnp.result_type(x, kernel_OxI)
+    y = jax.lax.dot_general(x.astype(dtype), kernel_OxI.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
+    if module.use_bias:
+        y = y + module.get_variable("params", "bias").astype(dtype)
+    return y
+
+
+def apply_with_layout(params, cfg: ModelConfig, kernel_layout: str, *args, **kwargs):
+    """Transformer(cfg).apply with params whose Dense kernels lie as kernel_layout says."""
+    model = Transformer(cfg)
+    if kernel_layout == "in_out":
+        return model.apply({"params": params}, *args, **kwargs)
+    with nn.intercept_methods(_out_in_dense):
+        return model.apply({"params": params}, *args, **kwargs)
 
 
 # --------------------------------------------------------------------------- filters
@@ -188,6 +255,7 @@ class _Plan(NamedTuple):
     eos_id: int  # -1: no EOS stop
     pad_id: int
     n_sink: int = -1  # streaming (sample.window > 0): the first tokens kept; -1: a plain cache
+    kernel_layout: str = "in_out"  # how the params hold their Dense kernels (KERNEL_LAYOUTS)
 
 
 class _Prepared(NamedTuple):
@@ -200,8 +268,9 @@ class _Prepared(NamedTuple):
 
 
 def _prepare(prompt_tokens, key, sample_cfg: SampleConfig, model_cfg: ModelConfig,
-             eos_id: int | None, pad_id: int | None) -> _Prepared:
+             eos_id: int | None, pad_id: int | None, kernel_layout: str = "in_out") -> _Prepared:
     check_sample_config(sample_cfg)
+    check_kernel_layout(kernel_layout)
     prompts = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompt_tokens]
     if not prompts:
         raise AtlasError("no prompts to generate from")
@@ -232,7 +301,7 @@ def _prepare(prompt_tokens, key, sample_cfg: SampleConfig, model_cfg: ModelConfi
     greedy = sample_cfg.temperature == 0  # the filters cannot change an argmax: one compile for all
     plan = _Plan(float(sample_cfg.temperature), 0 if greedy else int(sample_cfg.top_k),
                  1.0 if greedy else float(sample_cfg.top_p), window or cache_length(bucket, n_new), eos, pad,
-                 sample_cfg.n_sink if window else -1)
+                 sample_cfg.n_sink if window else -1, kernel_layout)
     typed = jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key)
     if key.shape not in ([(), (len(prompts),)] if typed else [(2,), (len(prompts), 2)]):
         raise AtlasError(f"expected one PRNG key or {len(prompts)} keys (one per prompt), got key shape {key.shape}")
@@ -262,8 +331,8 @@ def _prefill(params, tokens_BxP, positions_BxP, key, model: _Frozen, plan: _Plan
     """Run the padded prompts into a fresh cache -> (carry, logits_BxV of each row's next token)."""
     b = tokens_BxP.shape[0]
     cache = init_cache(model.cfg, b, plan.cache_len, n_sink=None if plan.n_sink < 0 else plan.n_sink)
-    logits_BxPxV, cache = Transformer(model.cfg).apply({"params": params}, tokens_BxP, positions_BxP, cache,
-                                                       method=Transformer.decode)
+    logits_BxPxV, cache = apply_with_layout(params, model.cfg, plan.kernel_layout, tokens_BxP, positions_BxP, cache,
+                                 method=Transformer.decode)
     # Left padding puts every row's last prompt token in the last column.
     carry = _Carry(cache, positions_BxP[:, -1] + 1, jnp.zeros(b, bool), _row_keys(key, b))
     return carry, logits_BxPxV[:, -1]
@@ -281,8 +350,8 @@ def _step(params, carry: _Carry, logits_BxV, step, model: _Frozen, plan: _Plan):
     active_B = ~carry.done_B
     token_B = jnp.where(active_B, sampled_B, plan.pad_id)
     done_B = carry.done_B | (token_B == plan.eos_id)
-    logits_Bx1xV, cache = Transformer(model.cfg).apply(
-        {"params": params}, token_B[:, None], carry.pos_B[:, None], carry.cache, method=Transformer.decode)
+    logits_Bx1xV, cache = apply_with_layout(params, model.cfg, plan.kernel_layout, token_B[:, None], carry.pos_B[:, None],
+                                 carry.cache, method=Transformer.decode)
     carry = carry._replace(cache=cache, pos_B=carry.pos_B + 1, done_B=done_B)
     return carry, logits_Bx1xV[:, 0], token_B, active_B
 
@@ -317,26 +386,28 @@ _step_jit = jax.jit(_step, static_argnums=(4, 5), donate_argnums=(1, 2))
 
 
 def generate(params: PyTree, prompt_tokens: Sequence[Sequence[int]], key: Array, sample_cfg: SampleConfig,
-             model_cfg: ModelConfig, *, eos_id: int | None = None, pad_id: int | None = None) -> tuple[Array, Array]:
+             model_cfg: ModelConfig, *, eos_id: int | None = None, pad_id: int | None = None,
+             kernel_layout: str = "in_out") -> tuple[Array, Array]:
     """Generate up to sample_cfg.max_new_tokens tokens after each prompt.
 
     prompt_tokens: B token-id lists, lengths may differ. key: one PRNG key, or B keys (one per row).
     eos_id: stop a row once it emits this token (None or -1: run to max_new_tokens). pad_id: what a
     finished row emits (None or -1, a tokenizer without one: eos_id, or 0). Returns (tokens_BxN int32, lengths_B int32): row b
     generated tokens_BxN[b, :lengths_B[b]] (ending with eos_id when it stopped there); the rest is pad_id.
+    kernel_layout: how `params` hold their Dense kernels (the module docstring).
     """
-    p = _prepare(prompt_tokens, key, sample_cfg, model_cfg, eos_id, pad_id)
+    p = _prepare(prompt_tokens, key, sample_cfg, model_cfg, eos_id, pad_id, kernel_layout)
     return generate_padded(params, p.tokens_BxP, p.positions_BxP, p.key, p.model, p.plan, p.max_new_tokens)
 
 
 def compile_generate(param_shapes: PyTree, prompt_tokens: Sequence[Sequence[int]], key: Array,
                      sample_cfg: SampleConfig, model_cfg: ModelConfig, *, eos_id: int | None = None,
-                     pad_id: int | None = None) -> Callable[[PyTree], tuple[Array, Array]]:
+                     pad_id: int | None = None, kernel_layout: str = "in_out") -> Callable[[PyTree], tuple[Array, Array]]:
     """`generate` compiled ahead of time from the params' shapes (`jax.eval_shape(init_params...)`),
     before any weight is loaded -> run(params) -> (tokens_BxN, lengths_B), what `generate` returns for
     these prompts. XLA's compile holds ~100-200 MiB of host memory at its peak (a 102M llama on CPU);
     compiling first keeps that off the weights' peak instead of on top of it."""
-    p = _prepare(prompt_tokens, key, sample_cfg, model_cfg, eos_id, pad_id)
+    p = _prepare(prompt_tokens, key, sample_cfg, model_cfg, eos_id, pad_id, kernel_layout)
     compiled = generate_padded.lower(param_shapes, p.tokens_BxP, p.positions_BxP, p.key, p.model, p.plan,
                                      p.max_new_tokens).compile()
     release_host_memory()
@@ -359,17 +430,21 @@ def to_device(array) -> Array:
     return jnp.array(array, copy=True)
 
 
-def device_put_leafwise(params: dict) -> dict:
+def device_put_leafwise(params: dict, kernel_layout: str = "in_out") -> dict:
     """Host params (a nested dict of numpy arrays, emptied as it goes) -> the same tree on the default
     device, one leaf at a time, each host array released once its device copy exists: the peak is one
-    copy of the weights plus one leaf, not two copies."""
+    copy of the weights plus one leaf, not two copies. kernel_layout="out_in": each Dense kernel
+    lands transposed (`transpose_kernels`), written so by the same copy."""
+    check_kernel_layout(kernel_layout)
     if not isinstance(params, dict):
         return to_device(params)
     out = {}
     for name in list(params):
         value = params.pop(name)
-        out[name] = device_put_leafwise(value) if isinstance(value, dict) else to_device(value)
-        if not isinstance(value, dict):
+        if isinstance(value, dict):
+            out[name] = device_put_leafwise(value, kernel_layout)
+        else:
+            out[name] = to_device(value.T if kernel_layout == "out_in" and _is_kernel(name, value) else value)
             jax.block_until_ready(out[name])
         del value
     release_host_memory()
@@ -377,15 +452,15 @@ def device_put_leafwise(params: dict) -> dict:
 
 
 def stream(params: PyTree, prompt_tokens: Sequence[Sequence[int]], key: Array, sample_cfg: SampleConfig,
-           model_cfg: ModelConfig, *, eos_id: int | None = None,
-           pad_id: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+           model_cfg: ModelConfig, *, eos_id: int | None = None, pad_id: int | None = None,
+           kernel_layout: str = "in_out") -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`generate`, one step at a time: yields (tokens_B, active_B) numpy arrays per step.
 
     active_B[b] says tokens_B[b] is a real token of row b (else pad_id: the row is done). Stops after
     max_new_tokens steps or once every row is done. Same arguments and same tokens as `generate`;
     a prefill jit and a jit of the loop's step, so each step costs one dispatch.
     """
-    p = _prepare(prompt_tokens, key, sample_cfg, model_cfg, eos_id, pad_id)  # errors raise here, not at next()
+    p = _prepare(prompt_tokens, key, sample_cfg, model_cfg, eos_id, pad_id, kernel_layout)  # errors raise here
     return _stream_steps(params, p)
 
 

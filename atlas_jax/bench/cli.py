@@ -96,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--ftypes", type=names_from(ALL_FTYPES), default="f32,q8_0", help="GGUF types for llama.cpp")
     d.add_argument("--threads", type=positive_int, help=f"llama.cpp threads (default: the {cores()} cores here)")
     d.add_argument("--reps", type=positive_int, help="timed repetitions (default 3; --quick 1)")
+    d.add_argument("--kernel-layout", choices=("auto", "in_out", "out_in"), default="auto",
+                   help="how atlas_jax holds its Dense kernels for decoding (auto: sample.preferred_kernel_layout "
+                        "per batch size, [out, in] at batch 1 on CPU)")
     d.add_argument("--llamacpp-tools", metavar="DIR",
                    help="llama-bench and llama-batched-bench are here (default: $ATLAS_CACHE/llamacpp-tools/"
                         "<llama-cpp-python version>, built by python scripts/build_llamacpp_tools.py)")

@@ -214,7 +214,7 @@ def flat_params(params) -> dict[str, np.ndarray]:
 
 def nested_params(path: str, put=None) -> dict:
     """A params .npz written from `flat_params` -> the nested params dict, read one tensor at a time;
-    put(array) (e.g. onto a device) is applied to each as it is read, so no second host copy exists."""
+    put(name, array) (e.g. onto a device) is applied to each as it is read, so no second host copy exists."""
     out: dict = {}
     with np.load(path) as z:
         for name in z.files:
@@ -222,7 +222,7 @@ def nested_params(path: str, put=None) -> dict:
             *parents, leaf = name.split("/")
             for p in parents:
                 node = node.setdefault(p, {})
-            node[leaf] = z[name] if put is None else put(z[name])
+            node[leaf] = z[name] if put is None else put(name, z[name])
     return out
 
 

@@ -20,19 +20,25 @@ from atlas_jax.bench.llamacpp_tools import tool_rows
 
 
 def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], batches: list[int],
-                     new_tokens: int, reps: int) -> dict:
+                     new_tokens: int, reps: int, kernel_layout: str = "auto") -> dict:
     """Greedy `sample.generate` per batch size, and its prefill alone (the same shapes, jitted). As a
     user's process should: every program compiled from the params' shapes before any weight is
-    loaded (`sample.compile_generate`), then the weights read one tensor at a time onto the device."""
+    loaded (`sample.compile_generate`), then the weights read one tensor at a time onto the device,
+    their Dense kernels in `kernel_layout` (auto: `sample.preferred_kernel_layout` of the one batch
+    size, or of the first when several share the weights)."""
     import jax
 
     from atlas_jax.config import ModelConfig, SampleConfig
     from atlas_jax.model import Transformer, init_cache, init_params
-    from atlas_jax.sample import cache_length, compile_generate, prompt_bucket, release_host_memory, to_device
+    from atlas_jax.sample import (apply_with_layout, cache_length, compile_generate, preferred_kernel_layout,
+                                  prompt_bucket, release_host_memory, to_device, transpose_kernels)
 
     rss0 = rss_mib()
     cfg = ModelConfig(**model_cfg)
+    layout = preferred_kernel_layout(batches[0]) if kernel_layout == "auto" else kernel_layout
     shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    if layout == "out_in":
+        shapes = transpose_kernels(shapes)
     sample_cfg = SampleConfig(temperature=0.0, max_new_tokens=new_tokens)
     p = len(prompts[0])
     bucket = prompt_bucket(p, cfg.max_seq_len)
@@ -40,8 +46,8 @@ def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], 
 
     def prefill(params, tokens_BxP, positions_BxP):
         cache = init_cache(cfg, tokens_BxP.shape[0], cache_len)
-        logits, _ = Transformer(cfg).apply({"params": params}, tokens_BxP, positions_BxP, cache,
-                                           method=Transformer.decode)
+        logits, _ = apply_with_layout(params, cfg, layout, tokens_BxP, positions_BxP, cache,
+                                      method=Transformer.decode)
         return logits[:, -1]
 
     programs = {}
@@ -51,14 +57,15 @@ def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], 
         positions = np.full((b, bucket), -1, np.int32)
         tokens[:, bucket - p:] = rows
         positions[:, bucket - p:] = np.arange(p)
-        run = compile_generate(shapes, rows, jax.random.key(0), sample_cfg, cfg)
+        run = compile_generate(shapes, rows, jax.random.key(0), sample_cfg, cfg, kernel_layout=layout)
         pre = jax.jit(prefill).lower(shapes, tokens, positions).compile()
         programs[b] = (run, lambda params, pre=pre, tokens=tokens, positions=positions: pre(params, tokens, positions))
     release_host_memory()
     rss_compiled = rss_mib()
 
-    def put(array):  # onto the device (sample.to_device); malloc_trim hands back the previous tensor's freed host copy
-        out = jax.block_until_ready(to_device(array))
+    def put(name, array):  # onto the device (sample.to_device); malloc_trim hands back the previous tensor's freed host copy
+        kernel = name.endswith("/kernel") and array.ndim == 2
+        out = jax.block_until_ready(to_device(array.T if kernel and layout == "out_in" else array))
         release_host_memory()
         return out
 
@@ -81,7 +88,7 @@ def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], 
         t_dec = max(t_gen - t_pre, 1e-9)
         out[f"batch_{b}"] = {"prefill_tokens_per_s": b * p / t_pre, "decode_tokens_per_s": b * new_tokens / t_dec,
                              "generate_s": t_gen, "prefill_s": t_pre,
-                             "greedy_row0": np.asarray(toks)[0].tolist()}
+                             "kernel_layout": layout, "greedy_row0": np.asarray(toks)[0].tolist()}
     stats = jax.devices()[0].memory_stats() or {}
     return record_memory({"results": out, "device": jax.devices()[0].device_kind,
                           "rss_compiled_mib": round(rss_compiled, 1)}, rss0, stats.get("peak_bytes_in_use"))
@@ -229,7 +236,8 @@ def cmd_decode(args) -> dict:
                    "load_avg_start": load_avg(), "frameworks": {}}
         log(f"decode: {source or 'flags'}, prompt {p} + {new} new tokens, batches {batches}, greedy")
         res = _per_batch_children(decode_atlas_jax, batches, params_in=str(tmp / "params.npz"),
-                                  model_cfg=dataclasses.asdict(m), prompts=prompts, new_tokens=new, reps=reps)
+                                  model_cfg=dataclasses.asdict(m), prompts=prompts, new_tokens=new, reps=reps,
+                                  kernel_layout=args.kernel_layout)
         section["frameworks"]["atlas_jax"] = res
         log("  atlas_jax: " + _decode_line(res))
         for ftype in args.ftypes:

@@ -285,7 +285,8 @@ def _md_decode(de: dict) -> list[str]:
                          + "; ".join(f"`{c}`" for c in (r.get("commands") or {"": r["command"]}).values()))
         for key, row in r["results"].items():
             same = row.get("greedy_same_prefix")
-            rows.append([name, key.split("_")[1], _fmt(row["prefill_tokens_per_s"]), _fmt(row["decode_tokens_per_s"]),
+            engine = f"{name} ({row['kernel_layout']} kernels)" if "kernel_layout" in row else name
+            rows.append([engine, key.split("_")[1], _fmt(row["prefill_tokens_per_s"]), _fmt(row["decode_tokens_per_s"]),
                          _fmt(row.get("peak_rss_mib", r.get("peak_rss_mib"))), _fmt(row.get("atlas_jax_decode_speedup"), 2, "x"),
                          "-" if same is None else f"{same}/{de['new_tokens']}"])
     return [f"### decode: {de['config'] or 'flags'}", "", f"`{de['command']}`  ",

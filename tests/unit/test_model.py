@@ -354,3 +354,12 @@ def test_moe_auto_impl_is_grouped_on_cpu_and_remat_keeps_the_aux_losses():
         remat = M.loss_terms(params, resolve_model(dataclasses.replace(cfg, remat=policy)), x, x)
         for key, value in plain.items():
             assert abs(float(remat[key]) - float(value)) <= 1e-6, (policy, key, float(remat[key]), float(value))
+
+
+def test_an_unresolved_config_is_refused_not_built_as_another_model():
+    """ModelConfig(arch="llama") leaves positions/norm/mlp unset until config.resolve_model fills them;
+    built as it is, it was silently a model without RoPE, with LayerNorm and a GELU MLP."""
+    raw = ModelConfig(arch="llama", vocab_size=64, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, max_seq_len=16)
+    with pytest.raises(ValueError, match=r"ModelConfig\.positions, norm, mlp, d_ff unset: build the config with "
+                                         r"atlas_jax\.config\.resolve_model"):
+        M.init_params(raw, jax.random.key(0))

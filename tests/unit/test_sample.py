@@ -324,14 +324,17 @@ def test_cli_missing_or_corrupt_checkpoint_is_one_line_and_exit_2(tmp_path, monk
     assert code == 2 and out == "" and "corrupt" in err and err.count("\n") == 1, err
 
 
+@pytest.mark.parametrize("kernel_layout", sample.KERNEL_LAYOUTS)
 @pytest.mark.parametrize("batch", [1, 3])
-def test_the_decode_loop_updates_the_kv_cache_in_place_without_copying_it(params, batch):
+def test_the_decode_loop_updates_the_kv_cache_in_place_without_copying_it(params, batch, kernel_layout):
     """The compiled generate loop writes each token's keys and values into the cache in place: no copy
     of a cache-sized buffer per step. A [B, K, S, H] cache read through a reshape made XLA update it
     twice and copy it 4 times per layer per step (a 102M llama at batch 1: 48 cache copies per token);
     a key cache read as q . k^T was transposed whole at every step."""
     prompts = [[5, 9, 2], list(range(1, 10)), list(range(30, 50))][:batch]
-    p = sample._prepare(prompts, jax.random.key(0), SAMPLING, CFG, None, None)
+    p = sample._prepare(prompts, jax.random.key(0), SAMPLING, CFG, None, None, kernel_layout)
+    if kernel_layout == "out_in":
+        params = sample.transpose_kernels(params)
     hlo = sample.generate_padded.lower(params, p.tokens_BxP, p.positions_BxP, p.key, p.model, p.plan,
                                        SAMPLING.max_new_tokens).compile().as_text()
     cache = sample.init_cache(CFG, batch, p.plan.cache_len)["layers"][0]["k"]
@@ -348,3 +351,78 @@ def test_the_decode_loop_updates_the_kv_cache_in_place_without_copying_it(params
         if m and math.prod(map(int, m.group(2).split(","))) == cache.size:
             moved.append(line.strip()[:160])
     assert not moved, f"{len(moved)} copies/transposes of a {cache_shape} cache in the decode loop, e.g. {moved[0]}"
+
+
+# Every kind of Dense a model has: llama's (tied head), an untied lm_head, gpt2's biases, an MoE router.
+LAYOUT_MODELS = {
+    "llama": CFG,
+    "llama-untied-head": dataclasses.replace(CFG, tie_embeddings=False),
+    "gpt2": resolve_model(ModelConfig(arch="gpt2", vocab_size=64, d_model=32, n_layers=2, n_heads=4, max_seq_len=64)),
+    "llama-moe": resolve_model(dataclasses.replace(CFG, moe_experts=4, moe_d_ff=48)),
+}
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_MODELS))
+def test_out_in_kernels_give_the_logits_and_tokens_of_the_trained_layout(name):
+    """Kernels stored [out, in] (kernel_layout="out_in", batch-1 decoding on CPU) compute what [in, out]
+    kernels do: the same prefill logits (<= 1e-5) and the same sampled tokens, in generate and stream."""
+    cfg = LAYOUT_MODELS[name]
+    params = random_params(cfg, seed=1)
+    params_t = sample.transpose_kernels(params)
+    flat, flat_t = (dict(jax.tree_util.tree_flatten_with_path(x)[0]) for x in (params, params_t))
+    kernels = [k for k in flat if k[-1].key == "kernel"]
+    assert len(kernels) >= 4 * cfg.n_layers and all(flat_t[k].shape == flat[k].shape[::-1] for k in kernels)
+    assert all(flat_t[k] is flat[k] for k in flat if k[-1].key != "kernel")
+    shapes = sample.transpose_kernels(jax.eval_shape(lambda: params))  # compile_generate's argument
+    assert jax.tree_util.tree_map(lambda s: s.shape, shapes) == jax.tree_util.tree_map(np.shape, params_t)
+
+    p = sample._prepare(PROMPTS, jax.random.key(0), SAMPLING, cfg, None, None)
+    cache = sample.init_cache(cfg, len(PROMPTS), p.plan.cache_len)
+    logits = {layout: np.asarray(sample.apply_with_layout(x, cfg, layout, p.tokens_BxP, p.positions_BxP, cache,
+                                                          method=sample.Transformer.decode)[0])
+              for layout, x in (("in_out", params), ("out_in", params_t))}
+    np.testing.assert_allclose(logits["out_in"], logits["in_out"], rtol=1e-5, atol=1e-5)
+
+    key = jax.random.key(4)
+    want = np.asarray(sample.generate(params, PROMPTS, key, SAMPLING, cfg)[0])
+    got = np.asarray(sample.generate(params_t, PROMPTS, key, SAMPLING, cfg, kernel_layout="out_in")[0])
+    np.testing.assert_array_equal(got, want)
+    streamed = [t for t, _ in sample.stream(params_t, PROMPTS[:1], _row_key(key, 0), SAMPLING, cfg,
+                                            kernel_layout="out_in")]
+    np.testing.assert_array_equal(np.concatenate(streamed), want[0, :len(streamed)])
+
+
+def test_device_put_leafwise_writes_out_in_kernels_row_major(params):
+    host = jax.tree_util.tree_map(np.array, params)  # device_put_leafwise empties the tree it is given
+    put = sample.device_put_leafwise(host, "out_in")
+    want = sample.transpose_kernels(params)
+    for (path, got), ref in zip(jax.tree_util.tree_flatten_with_path(put)[0], jax.tree_util.tree_leaves(want)):
+        assert isinstance(got, jax.Array) and got.shape == ref.shape, path
+        np.testing.assert_array_equal(np.asarray(got), ref)
+    assert host == {}
+
+
+def test_a_kernel_layout_that_does_not_match_the_params_is_refused(params):
+    with pytest.raises(ConfigError, match="kernel_layout='outin': expected one of in_out, out_in"):
+        sample.generate(params, PROMPTS, jax.random.key(0), SAMPLING, CFG, kernel_layout="outin")
+    # Trained [in, out] params declared [out, in]: wq is square, wk ([32, 16]) is not.
+    with pytest.raises(ValueError, match=r"layers_0/attn/wk: kernel_layout='out_in' needs a \[16, 32\] kernel"):
+        sample.generate(params, PROMPTS, jax.random.key(0), SAMPLING, CFG, kernel_layout="out_in")
+
+
+def test_preferred_kernel_layout_is_out_in_for_one_row_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert sample.preferred_kernel_layout(1) == "out_in"
+    assert [sample.preferred_kernel_layout(b) for b in (2, 4, 32)] == ["in_out"] * 3
+
+
+def test_cli_kernel_layouts_print_the_same_samples(tiny_run, monkeypatch, capsys):
+    """--jsonl with one sample: auto holds the kernels [out, in]; in_out and out_in print the same samples."""
+    out = {}
+    for layout in ("in_out", "out_in", "auto"):
+        code, stdout, err = _cli_in_process(["--checkpoint", str(tiny_run), "--prompt", "ROMEO:", "--jsonl",
+                                             "--kernel-layout", layout], monkeypatch, capsys)
+        assert code == 0, err
+        out[layout] = [json.loads(line)["tokens"] for line in stdout.splitlines()]
+    assert len(out["in_out"]) == 1 and out["in_out"][0]
+    assert out["out_in"] == out["in_out"] == out["auto"]
