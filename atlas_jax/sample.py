@@ -87,6 +87,11 @@ def _is_kernel(name: str, value) -> bool:
     return name == "kernel" and getattr(value, "ndim", 0) == 2
 
 
+def laid_out(name: str, value, kernel_layout: str):
+    """One params leaf named `name` as `kernel_layout` holds it: a Dense kernel transposed for "out_in"."""
+    return value.T if kernel_layout == "out_in" and _is_kernel(name, value) else value
+
+
 def transpose_kernels(params: PyTree) -> PyTree:
     """The params (arrays, or jax.ShapeDtypeStruct shapes) with every Dense kernel transposed
     ([in, out] <-> [out, in]); the rest as it is."""
@@ -331,8 +336,8 @@ def _prefill(params, tokens_BxP, positions_BxP, key, model: _Frozen, plan: _Plan
     """Run the padded prompts into a fresh cache -> (carry, logits_BxV of each row's next token)."""
     b = tokens_BxP.shape[0]
     cache = init_cache(model.cfg, b, plan.cache_len, n_sink=None if plan.n_sink < 0 else plan.n_sink)
-    logits_BxPxV, cache = apply_with_layout(params, model.cfg, plan.kernel_layout, tokens_BxP, positions_BxP, cache,
-                                 method=Transformer.decode)
+    logits_BxPxV, cache = apply_with_layout(params, model.cfg, plan.kernel_layout, tokens_BxP, positions_BxP,
+                                            cache, method=Transformer.decode)
     # Left padding puts every row's last prompt token in the last column.
     carry = _Carry(cache, positions_BxP[:, -1] + 1, jnp.zeros(b, bool), _row_keys(key, b))
     return carry, logits_BxPxV[:, -1]
@@ -350,8 +355,8 @@ def _step(params, carry: _Carry, logits_BxV, step, model: _Frozen, plan: _Plan):
     active_B = ~carry.done_B
     token_B = jnp.where(active_B, sampled_B, plan.pad_id)
     done_B = carry.done_B | (token_B == plan.eos_id)
-    logits_Bx1xV, cache = apply_with_layout(params, model.cfg, plan.kernel_layout, token_B[:, None], carry.pos_B[:, None],
-                                 carry.cache, method=Transformer.decode)
+    logits_Bx1xV, cache = apply_with_layout(params, model.cfg, plan.kernel_layout, token_B[:, None],
+                                            carry.pos_B[:, None], carry.cache, method=Transformer.decode)
     carry = carry._replace(cache=cache, pos_B=carry.pos_B + 1, done_B=done_B)
     return carry, logits_Bx1xV[:, 0], token_B, active_B
 
@@ -444,7 +449,7 @@ def device_put_leafwise(params: dict, kernel_layout: str = "in_out") -> dict:
         if isinstance(value, dict):
             out[name] = device_put_leafwise(value, kernel_layout)
         else:
-            out[name] = to_device(value.T if kernel_layout == "out_in" and _is_kernel(name, value) else value)
+            out[name] = to_device(laid_out(name, value, kernel_layout))
             jax.block_until_ready(out[name])
         del value
     release_host_memory()

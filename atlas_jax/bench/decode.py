@@ -30,8 +30,9 @@ def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], 
 
     from atlas_jax.config import ModelConfig, SampleConfig
     from atlas_jax.model import Transformer, init_cache, init_params
-    from atlas_jax.sample import (apply_with_layout, cache_length, compile_generate, preferred_kernel_layout,
-                                  prompt_bucket, release_host_memory, to_device, transpose_kernels)
+    from atlas_jax.sample import (apply_with_layout, cache_length, compile_generate, laid_out,
+                                  preferred_kernel_layout, prompt_bucket, release_host_memory, to_device,
+                                  transpose_kernels)
 
     rss0 = rss_mib()
     cfg = ModelConfig(**model_cfg)
@@ -64,8 +65,7 @@ def decode_atlas_jax(params_in: str, model_cfg: dict, prompts: list[list[int]], 
     rss_compiled = rss_mib()
 
     def put(name, array):  # onto the device (sample.to_device); malloc_trim hands back the previous tensor's freed host copy
-        kernel = name.endswith("/kernel") and array.ndim == 2
-        out = jax.block_until_ready(to_device(array.T if kernel and layout == "out_in" else array))
+        out = jax.block_until_ready(to_device(laid_out(name.rsplit("/", 1)[-1], array, layout)))
         release_host_memory()
         return out
 
