@@ -67,7 +67,9 @@ class ModelConfig:
     # blocked (kernels.blocked_attention: FlashAttention-2 style, no [T, S] scores, memory linear in T;
     # training/eval forward only, the KV-cache decode path keeps the grouped einsums)
     attention: str = "auto"
-    attention_block: int = 64  # model.attention=blocked: query/key block size (64 fastest measured on CPU)
+    # model.attention=blocked: query/key block size; None -> kernels.auto_block (64, 128 or 256 by the
+    # sequence and the score tile's size, the fastest of each measured on CPU: docs/benchmarks.md)
+    attention_block: int | None = None
     # auto (rowmajor on CPU without remat, xla elsewhere) | rowmajor (atlas_jax.kernels: weight
     # gradients that keep the output gradient row-major, fastest on CPU) | xla (plain dot_general)
     matmul: str = "auto"

@@ -180,17 +180,18 @@ def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
     return jnp.pad(x, pad, constant_values=value)
 
 
-def _block_scores(q_i, k_j, i, j, block: int, mask_BxTxS, scale: float) -> Array:
-    """Scores of query block i against key block j, [B, K, G, Bq, Bk] float32, masked with finfo.min
-    (as `grouped_probs`): causal by position, and by the packed-rows mask's [i, j] tile when given."""
-    s = jnp.einsum("bkgth,bksh->bkgts", q_i, k_j).astype(jnp.float32) * scale
-    rows = i * block + jnp.arange(block)
-    cols = j * block + jnp.arange(block)
-    keep = (cols[None, :] <= rows[:, None])[None, None, None]
+def _block_scores(qs_i, k_j, i, j, block: int, mask_BxTxS, diagonal: bool) -> Array:
+    """Scores of (prescaled) query block i against key block j, [B, K, G, Bq, Bk] float32, masked
+    with finfo.min (as `grouped_probs`) by the packed-rows mask's [i, j] tile when given, and by
+    position on the diagonal tile only (every tile left of it is wholly below the diagonal)."""
+    s = jnp.einsum("bkgth,bksh->bkgts", qs_i, k_j).astype(jnp.float32)
+    keep = None
+    if diagonal:
+        keep = jnp.tril(jnp.ones((block, block), bool))[None, None, None]
     if mask_BxTxS is not None:
         tile = jax.lax.dynamic_slice(mask_BxTxS, (0, i * block, j * block), (mask_BxTxS.shape[0], block, block))
-        keep = keep & tile[:, None, None]
-    return jnp.where(keep, s, jnp.finfo(jnp.float32).min)
+        keep = tile[:, None, None] if keep is None else keep & tile[:, None, None]
+    return s if keep is None else jnp.where(keep, s, jnp.finfo(jnp.float32).min)
 
 
 def _blocks(x: Array, axis: int, block: int) -> Array:
@@ -205,11 +206,12 @@ def _unblocks(x: Array, axis: int) -> Array:
 
 
 def _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block):
-    """Online softmax (FlashAttention-2's forward): for each query block, the key blocks up to the
-    diagonal, a running max m, denominator l and unnormalised output acc. Returns out_BxKxGxTxH and
-    lse_BxKxGxT (the row's logsumexp, the sink's term included)."""
+    """Online softmax (FlashAttention-2's forward): for each query block, the key blocks left of
+    the diagonal (no position mask), then the diagonal block, with a running max m, denominator l
+    and unnormalised output acc. q is scaled by 1/sqrt(H) once, not each tile's scores. Returns
+    out_BxKxGxTxH and lse_BxKxGxT (the row's logsumexp, the sink's term included)."""
     b, kh, g, t, h = q.shape
-    scale = 1.0 / math.sqrt(h)
+    qs = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
     f32min = jnp.finfo(jnp.float32).min
     if sink_KxG is None:
         m0 = jnp.full((b, kh, g, block), -jnp.inf, jnp.float32)
@@ -219,13 +221,13 @@ def _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block):
         l0 = jnp.ones((b, kh, g, block), jnp.float32)
 
     def row_block(_, xs):
-        i, q_i = xs
+        i, qs_i = xs
 
-        def key_block(j, carry):
+        def key_block(j, carry, diagonal=False):
             m, l, acc = carry
             k_j = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
-            s = _block_scores(q_i, k_j, i, j, block, mask_BxTxS, scale)
+            s = _block_scores(qs_i, k_j, i, j, block, mask_BxTxS, diagonal)
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)
@@ -234,49 +236,54 @@ def _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block):
             return m_new, l, acc
 
         acc0 = jnp.zeros((b, kh, g, block, h), jnp.float32)
-        m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, (m0, l0, acc0))
+        carry = jax.lax.fori_loop(0, i, key_block, (m0, l0, acc0))
+        m, l, acc = key_block(i, carry, diagonal=True)
         m = jnp.maximum(m, f32min)  # a row with every key masked and no sink: finite, as grouped_probs
         return None, ((acc / l[..., None]).astype(q.dtype), m + jnp.log(l))
 
     n = t // block
-    _, (out, lse) = jax.lax.scan(row_block, None, (jnp.arange(n), _blocks(q, 3, block)))
+    _, (out, lse) = jax.lax.scan(row_block, None, (jnp.arange(n), _blocks(qs, 3, block)))
     return _unblocks(out, 3), _unblocks(lse, 3)
 
 
 def _blocked_bwd(q, k, v, mask_BxTxS, sink_KxG, block, out, lse, do):
-    """FlashAttention-2's backward: scores recomputed block by block, P = exp(S - lse),
-    D = rowsum(dO * O), dS = P * (dP - D); dQ per query block, dK and dV accumulated over them."""
+    """FlashAttention-2's backward: scores recomputed block by block (off-diagonal tiles unmasked,
+    as in the forward), P = exp(S - lse), D = rowsum(dO * O), dS = P * (dP - D); dQ per query
+    block, dK and dV accumulated over them. With q prescaled, dK = dS^T (q / sqrt(H)) needs no
+    further scale and dQ = (dS K) / sqrt(H) is scaled once per block."""
     b, kh, g, t, h = q.shape
     scale = 1.0 / math.sqrt(h)
+    qs = q * jnp.asarray(scale, q.dtype)
     d_BxKxGxT = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1)
 
     def row_block(carry, xs):
         dk, dv = carry
-        i, q_i, do_i, lse_i, d_i = xs
+        i, qs_i, do_i, lse_i, d_i = xs
 
-        def key_block(j, c):
+        def key_block(j, c, diagonal=False):
             dq_i, dk, dv = c
             k_j = jax.lax.dynamic_slice_in_dim(k, j * block, block, axis=2)
             v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
-            s = _block_scores(q_i, k_j, i, j, block, mask_BxTxS, scale)
+            s = _block_scores(qs_i, k_j, i, j, block, mask_BxTxS, diagonal)
             p = jnp.exp(s - lse_i[..., None])
             dp = jnp.einsum("bkgth,bksh->bkgts", do_i, v_j).astype(jnp.float32)
             ds = (p * (dp - d_i[..., None])).astype(q.dtype)
             dv_j = jnp.einsum("bkgts,bkgth->bksh", p.astype(do_i.dtype), do_i).astype(jnp.float32)
-            dk_j = jnp.einsum("bkgts,bkgth->bksh", ds, q_i).astype(jnp.float32) * scale
-            dq_i = dq_i + jnp.einsum("bkgts,bksh->bkgth", ds, k_j).astype(jnp.float32) * scale
+            dk_j = jnp.einsum("bkgts,bkgth->bksh", ds, qs_i).astype(jnp.float32)
+            dq_i = dq_i + jnp.einsum("bkgts,bksh->bkgth", ds, k_j).astype(jnp.float32)
             at = (0, 0, j * block, 0)
             dk = jax.lax.dynamic_update_slice(dk, jax.lax.dynamic_slice(dk, at, dk_j.shape) + dk_j, at)
             dv = jax.lax.dynamic_update_slice(dv, jax.lax.dynamic_slice(dv, at, dv_j.shape) + dv_j, at)
             return dq_i, dk, dv
 
         dq0 = jnp.zeros((b, kh, g, block, h), jnp.float32)
-        dq_i, dk, dv = jax.lax.fori_loop(0, i + 1, key_block, (dq0, dk, dv))
-        return (dk, dv), dq_i
+        c = jax.lax.fori_loop(0, i, key_block, (dq0, dk, dv))
+        dq_i, dk, dv = key_block(i, c, diagonal=True)
+        return (dk, dv), dq_i * scale
 
     n = t // block
     zeros = jnp.zeros(k.shape, jnp.float32)
-    xs = (jnp.arange(n), _blocks(q, 3, block), _blocks(do, 3, block), _blocks(lse, 3, block),
+    xs = (jnp.arange(n), _blocks(qs, 3, block), _blocks(do, 3, block), _blocks(lse, 3, block),
           _blocks(d_BxKxGxT, 3, block))
     (dk, dv), dq = jax.lax.scan(row_block, (zeros, zeros), xs)
     dq = _unblocks(dq, 3).astype(q.dtype)
@@ -305,8 +312,25 @@ def _blocked_vjp_bwd(block, res, do):
 _blocked.defvjp(_blocked_vjp_fwd, _blocked_vjp_bwd)
 
 
+# auto_block: the score tile [B, N, block, block] in float32 stays at or under this many elements.
+AUTO_BLOCK_TILE = 2 ** 20
+AUTO_BLOCKS = (256, 128, 64)
+
+
+def auto_block(batch: int, n_heads: int, seq_len: int) -> int:
+    """The block size `model.attention_block` None picks: the largest of 256, 128, 64 that leaves at
+    least 4 blocks along the sequence (fewer blocks waste more of the masked diagonal tiles) and
+    whose score tile, batch * heads * block^2 floats, stays within AUTO_BLOCK_TILE (4 MiB; larger
+    tiles fall out of cache). Measured on the 2-core CPU at 8192 tokens per step, 6 heads
+    (docs/benchmarks.md): 64 at T=256, 128 at 1024 and 2048, 256 at 4096."""
+    for block in AUTO_BLOCKS:
+        if block * 4 <= seq_len and batch * n_heads * block * block <= AUTO_BLOCK_TILE:
+            return block
+    return AUTO_BLOCKS[-1]
+
+
 def blocked_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, mask_BxTxS: Array | None,
-                      sink_KxG: Array | None = None, block: int = 128) -> Array:
+                      sink_KxG: Array | None = None, block: int | None = None) -> Array:
     """`grouped_attention`'s result without the [T, S] scores: FlashAttention-2 on the CPU.
 
     Self-attention only (S == T, the training forward): query block i meets key blocks 0..i (the
@@ -315,9 +339,11 @@ def blocked_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, ma
     output and each row's logsumexp, and recomputes the scores block by block. T not a multiple of
     `block` is padded (padded keys sit above every real query's diagonal; padded queries are
     dropped). mask_BxTxS (packed rows) is read one [block, block] tile at a time. Memory: O(T * block)
-    temporaries per layer instead of O(T * S). Returns out_BxKxGxTxH.
+    temporaries per layer instead of O(T * S). block None: `auto_block`. Returns out_BxKxGxTxH.
     """
-    t = q_BxKxGxTxH.shape[3]
+    b, kh, g, t, _ = q_BxKxGxTxH.shape
+    if block is None:
+        block = auto_block(b, kh * g, t)
     if k_BxKxSxH.shape[2] != t:
         raise ValueError(f"blocked_attention is self-attention: {k_BxKxSxH.shape[2]} keys for {t} queries")
     block = min(block, t)
@@ -329,7 +355,7 @@ def blocked_attention(q_BxKxGxTxH: Array, k_BxKxSxH: Array, v_BxKxSxH: Array, ma
 
 
 def blocked_attention_btnh(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array, mask_BxTxS: Array | None,
-                           sink_N: Array | None = None, block: int = 128) -> Array:
+                           sink_N: Array | None = None, block: int | None = None) -> Array:
     """`blocked_attention` on the [B, T, N, H] / [B, S, K, H] layout (as `einsum_attention`)."""
     kv = k_BxSxKxH.shape[2]
     sink_KxG = None if sink_N is None else sink_N.reshape(kv, -1)

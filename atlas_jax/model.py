@@ -183,10 +183,11 @@ def segment_mask(segment_ids_BxT: Array) -> Array:
 
 
 def attention(q, k, v, impl: str, mask_BxTxS: Array | None = None, sink_N: Array | None = None,
-              block: int = 64) -> Array:
+              block: int | None = None) -> Array:
     """Causal attention; q [B,T,N,H], k/v [B,S,K,H], K divides N. mask_BxTxS (True = attend) replaces
     the causal mask when given (packed rows: `segment_mask`); sink_N: per-head sink logits (einsum and
-    blocked only, config.validate_sinks). block: blocked's block size (model.attention_block)."""
+    blocked only, config.validate_sinks). block: blocked's block size (model.attention_block; None:
+    kernels.auto_block)."""
     if impl == "einsum":
         return einsum_attention(q, k, v, mask_BxTxS, sink_N)
     if impl == "blocked":

@@ -54,6 +54,10 @@ def cmd_longctx(args) -> dict:
                                                f"model.max_seq_len={t}", f"data.seq_len={t}",
                                                f"train.batch_size={tokens // t}", "train.microbatches=1"])
             point["batch_size"] = cfg.train.batch_size
+            if impl == "blocked":  # the block the kernel runs (model.attention_block None: kernels.auto_block)
+                from atlas_jax.kernels import auto_block
+                point["block"] = cfg.model.attention_block or auto_block(
+                    cfg.train.batch_size // cfg.train.microbatches, cfg.model.n_heads, t)
             point.setdefault("flops_per_token", flops_per_token(cfg.model, t))
             raw = in_child(train_atlas_jax, cfg=dataclasses.asdict(cfg), steps=steps, warmup=warmup)
             r = summarize_train(raw, tokens, point["flops_per_token"], peak)

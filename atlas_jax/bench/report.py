@@ -392,7 +392,8 @@ def _md_longctx(lc: dict) -> list[str]:
         if "skipped" in p:
             rows.append([f"seq {p['seq_len']}", f"skipped: {p['skipped']}"] + [""] * (3 * len(impls)))
             continue
-        cells = [f"seq {p['seq_len']}", f"{p['batch_size']} x {p['seq_len']}"]
+        cells = [f"seq {p['seq_len']}", f"{p['batch_size']} x {p['seq_len']}"
+                 + (f", block {p['block']}" if "block" in p else "")]
         for impl in impls:
             r = p.get(impl, {})
             cells += [r.get("error") or _fmt(r.get("tokens_per_s")), _fmt(r.get("peak_rss_mib")),

@@ -129,6 +129,7 @@ def test_longctx_measures_each_attention_at_each_sequence_length_and_plots(bench
             where = f"longctx.{point['seq_len']}.{impl}"
             assert "error" not in point[impl], f"{where}: {point[impl].get('error')}"
             _positive(point[impl], ["tokens_per_s", "peak_rss_mib", "attention_temp_bytes"], where)
+        assert point.get("block", 0) > 0, f"longctx.{point['seq_len']}: no blocked block size recorded"
     assert "### longctx" in bench["md"] and "blocked vs einsum" in bench["md"], "longctx table missing from the .md"
     png = bench["dir"] / "longctx.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{png}: no PNG written"

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atlas_jax.kernels import blocked_attention, grouped_attention
+from atlas_jax.kernels import AUTO_BLOCK_TILE, auto_block, blocked_attention, grouped_attention
 from atlas_jax.model import segment_mask
 
 TOL = 1e-5
@@ -45,6 +45,7 @@ def _value_and_grads(kernel, args, mask_BxTxS, w):
     (2, 2, 3, 50, 16, 16, True, False),    # sink logits
     (2, 2, 3, 50, 16, 16, False, True),    # packed rows
     (2, 1, 4, 50, 16, 16, True, True),     # both
+    (1, 2, 3, 300, 8, None, True, True),   # the automatic block (64 here: five blocks, the last padded)
 ])
 def test_blocked_attention_outputs_and_grads_match_einsum(b, kv, g, t, h, block, sinks, packed):
     args, mask, w = _inputs(b, kv, g, t, h, sinks, packed)
@@ -57,6 +58,22 @@ def test_blocked_attention_outputs_and_grads_match_einsum(b, kv, g, t, h, block,
         at = np.unravel_index(err.argmax(), err.shape)
         assert err.max() <= TOL * max(1.0, float(np.abs(want).max())), \
             f"{name}: blocked vs einsum differ by {err.max():.3g} at {at} (scale {np.abs(want).max():.3g})"
+
+
+@pytest.mark.parametrize("batch, heads, seq, want", [
+    (32, 6, 256, 64),    # 4 blocks of 64 along T=256
+    (8, 6, 1024, 128),   # 256 would make an 8*6*256^2 = 3.1M-float tile
+    (4, 6, 2048, 128),
+    (2, 6, 4096, 256),
+    (1, 6, 7, 64),       # shorter than every block: 64 (blocked_attention clips it to T)
+    (64, 32, 4096, 64),  # a wide batch: even 64 exceeds the tile, the smallest block is the floor
+])
+def test_auto_block_picks_the_largest_block_with_four_blocks_along_t_and_a_tile_in_budget(batch, heads, seq, want):
+    got = auto_block(batch, heads, seq)
+    assert got == want, f"auto_block({batch}, {heads}, {seq}) = {got}, want {want}"
+    if seq >= 4 * want and want < 256:  # the next block up breaks one of the two rules
+        up = 2 * want
+        assert 4 * up > seq or batch * heads * up * up > AUTO_BLOCK_TILE
 
 
 def _attention_grad_temp_bytes(kernel, t: int) -> int:
