@@ -174,6 +174,14 @@ def einsum_attention_with_probs(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: A
 # --------------------------------------------------------------------------- blocked attention
 
 
+def _acc(*operands) -> dict:
+    """dot_general's preferred_element_type for these operands: float32 accumulation when any is a
+    16-bit float. XLA:CPU runs a bf16 x bf16 -> bf16 product at 330 GFLOP/s and the same product
+    -> f32 at 800-920 on an AVX512-BF16 CPU (2048^3, 2 cores; f32 x f32: 440-470), so the result is
+    accumulated and returned in f32, then rounded once to the operands' dtype by the caller."""
+    return {"preferred_element_type": jnp.float32} if any(o.dtype in (jnp.bfloat16, jnp.float16) for o in operands) else {}
+
+
 def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
     pad = [(0, 0)] * x.ndim
     pad[axis] = (0, size - x.shape[axis])
@@ -184,7 +192,7 @@ def _block_scores(qs_i, k_j, i, j, block: int, mask_BxTxS, diagonal: bool) -> Ar
     """Scores of (prescaled) query block i against key block j, [B, K, G, Bq, Bk] float32, masked
     with finfo.min (as `grouped_probs`) by the packed-rows mask's [i, j] tile when given, and by
     position on the diagonal tile only (every tile left of it is wholly below the diagonal)."""
-    s = jnp.einsum("bkgth,bksh->bkgts", qs_i, k_j).astype(jnp.float32)
+    s = jnp.einsum("bkgth,bksh->bkgts", qs_i, k_j, **_acc(qs_i)).astype(jnp.float32)
     keep = None
     if diagonal:
         keep = jnp.tril(jnp.ones((block, block), bool))[None, None, None]
@@ -232,7 +240,7 @@ def _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block):
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)
             l = alpha * l + p.sum(-1)
-            acc = alpha[..., None] * acc + jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v_j).astype(jnp.float32)
+            acc = alpha[..., None] * acc + jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v_j, **_acc(v_j)).astype(jnp.float32)
             return m_new, l, acc
 
         acc0 = jnp.zeros((b, kh, g, block, h), jnp.float32)
@@ -266,11 +274,11 @@ def _blocked_bwd(q, k, v, mask_BxTxS, sink_KxG, block, out, lse, do):
             v_j = jax.lax.dynamic_slice_in_dim(v, j * block, block, axis=2)
             s = _block_scores(qs_i, k_j, i, j, block, mask_BxTxS, diagonal)
             p = jnp.exp(s - lse_i[..., None])
-            dp = jnp.einsum("bkgth,bksh->bkgts", do_i, v_j).astype(jnp.float32)
+            dp = jnp.einsum("bkgth,bksh->bkgts", do_i, v_j, **_acc(do_i, v_j)).astype(jnp.float32)
             ds = (p * (dp - d_i[..., None])).astype(q.dtype)
-            dv_j = jnp.einsum("bkgts,bkgth->bksh", p.astype(do_i.dtype), do_i).astype(jnp.float32)
-            dk_j = jnp.einsum("bkgts,bkgth->bksh", ds, qs_i).astype(jnp.float32)
-            dq_i = dq_i + jnp.einsum("bkgts,bksh->bkgth", ds, k_j).astype(jnp.float32)
+            dv_j = jnp.einsum("bkgts,bkgth->bksh", p.astype(do_i.dtype), do_i, **_acc(do_i)).astype(jnp.float32)
+            dk_j = jnp.einsum("bkgts,bkgth->bksh", ds, qs_i, **_acc(ds)).astype(jnp.float32)
+            dq_i = dq_i + jnp.einsum("bkgts,bksh->bkgth", ds, k_j, **_acc(ds)).astype(jnp.float32)
             at = (0, 0, j * block, 0)
             dk = jax.lax.dynamic_update_slice(dk, jax.lax.dynamic_slice(dk, at, dk_j.shape) + dk_j, at)
             dv = jax.lax.dynamic_update_slice(dv, jax.lax.dynamic_slice(dv, at, dv_j.shape) + dv_j, at)
@@ -369,7 +377,8 @@ def blocked_attention_btnh(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: Array,
 
 @jax.custom_vjp
 def _matmul_rowmajor_grad(x: Array, w_DxF: Array) -> Array:
-    return jax.lax.dot_general(x, w_DxF, (((x.ndim - 1,), (0,)), ((), ())))
+    dt = jnp.result_type(x, w_DxF)
+    return jax.lax.dot_general(x, w_DxF, (((x.ndim - 1,), (0,)), ((), ())), **_acc(x, w_DxF)).astype(dt)
 
 
 def _matmul_fwd(x, w_DxF):
@@ -378,12 +387,13 @@ def _matmul_fwd(x, w_DxF):
 
 def _matmul_bwd(res, g):
     x, w_DxF = res
-    dx = jax.lax.dot_general(g, w_DxF, (((g.ndim - 1,), (1,)), ((), ()))).astype(x.dtype)
+    dx = jax.lax.dot_general(g, w_DxF, (((g.ndim - 1,), (1,)), ((), ())), **_acc(g, w_DxF)).astype(x.dtype)
     # dW = x^T g. Left to itself XLA:CPU lays g out transposed ([F, B*T]) for this product, which
     # makes the op producing g (e.g. the SwiGLU backward) write with a stride; materialising x^T
     # (the smaller operand) behind a barrier keeps g row-major: 7-9% of a CPU training step.
     x_DxN = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
-    dw = jnp.dot(x_DxN, g.reshape(-1, g.shape[-1])).astype(w_DxF.dtype)
+    g_NxF = g.reshape(-1, g.shape[-1])
+    dw = jnp.dot(x_DxN, g_NxF, **_acc(x_DxN, g_NxF)).astype(w_DxF.dtype)
     return dx, dw
 
 
@@ -398,3 +408,28 @@ def rowmajor_grad_dot_general(lhs, rhs, dimension_numbers, precision=None, prefe
             or preferred_element_type is not None:
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)
     return _matmul_rowmajor_grad(lhs, rhs)
+
+
+@jax.custom_vjp
+def tied_logits(x_BxTxD: Array, embed_VxD: Array) -> Array:
+    """The tied LM head x . E^T as float32 logits for 16-bit x and E: accumulated in f32 (`_acc`), and
+    the backward's two products take the cotangent rounded to x's dtype, as bf16 autocast does. The
+    model uses it for bf16/f16 compute on CPU; float32 keeps nn.Embed.attend."""
+    return jax.lax.dot_general(x_BxTxD, embed_VxD, (((x_BxTxD.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+
+
+def _tied_fwd(x, e):
+    return tied_logits(x, e), (x, e)
+
+
+def _tied_bwd(res, g):
+    x, e = res
+    g = g.astype(x.dtype)
+    dx = jax.lax.dot_general(g, e, (((g.ndim - 1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    g_NxV, x_NxD = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+    de = jax.lax.dot_general(g_NxV, x_NxD, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    return dx.astype(x.dtype), de.astype(e.dtype)
+
+
+tied_logits.defvjp(_tied_fwd, _tied_bwd)

@@ -69,7 +69,7 @@ import numpy as np
 
 from atlas_jax.config import ModelConfig
 from atlas_jax.kernels import (blocked_attention_btnh, cached_attention, einsum_attention, einsum_attention_with_probs,
-                               from_grouped, rowmajor_grad_dot_general, to_grouped)
+                               from_grouped, rowmajor_grad_dot_general, tied_logits, to_grouped)
 from atlas_jax.moe import EXPERT_IMPLS, experts_all_to_all, load_balance_loss, route, router_z_loss
 
 Array = jax.Array
@@ -446,6 +446,8 @@ class Transformer(nn.Module):
 
     def _head(self, x_BxTxD) -> Array:
         x = self.final_norm(x_BxTxD).astype(dtype_of(self.cfg.compute_dtype))
+        if self.cfg.tie_embeddings and x.dtype != jnp.float32 and matmul_impl(self.cfg) == "rowmajor":
+            return tied_logits(x, self.embed.embedding.astype(x.dtype))  # f32 accumulation (kernels._acc)
         logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
         return logits.astype(jnp.float32)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from atlas_jax import model as M
 from atlas_jax.config import ModelConfig, resolve_model
-from atlas_jax.kernels import einsum_attention, rowmajor_grad_dot_general
+from atlas_jax.kernels import einsum_attention, rowmajor_grad_dot_general, tied_logits
 
 V, D, H, KV, MAX_T = 97, 64, 4, 2, 16
 
@@ -139,6 +139,24 @@ def test_rowmajor_grad_dense_matches_plain_dot_general(dtype):
     assert dx1.dtype == dx0.dtype == x.dtype and dw1.dtype == dw0.dtype == w.dtype
     np.testing.assert_allclose(np.asarray(dx1, np.float32), np.asarray(dx0, np.float32), rtol=tol, atol=tol)
     np.testing.assert_allclose(np.asarray(dw1, np.float32), np.asarray(dw0, np.float32), rtol=tol, atol=tol)
+
+
+def test_tied_logits_match_the_f32_product_and_its_gradients_in_bf16():
+    """The tied head for 16-bit compute (kernels.tied_logits, f32 accumulation): float32 logits, and
+    value and gradients within bf16 rounding of the same product computed in float32."""
+    kx, ke, kg = jax.random.split(jax.random.key(4), 3)
+    x32, e32 = jax.random.normal(kx, (3, 7, 64)), jax.random.normal(ke, (50, 64)) * 0.1
+    g = jax.random.normal(kg, (3, 7, 50))
+    x, e = x32.astype(jnp.bfloat16), e32.astype(jnp.bfloat16)
+    assert tied_logits(x, e).dtype == jnp.float32
+    plain = lambda x, e: jnp.sum(jnp.einsum("btd,vd->btv", x.astype(jnp.float32), e.astype(jnp.float32)) * g)  # noqa: E731
+    fast = lambda x, e: jnp.sum(tied_logits(x, e) * g)  # noqa: E731
+    (v0, (dx0, de0)), (v1, (dx1, de1)) = (jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(x, e) for f in (plain, fast))
+    assert dx1.dtype == x.dtype and de1.dtype == e.dtype
+    np.testing.assert_allclose(float(v1), float(v0), rtol=1e-5)  # same bf16 inputs, f32 accumulation
+    for got, want in ((dx1, dx0), (de1, de0)):  # the cotangent is rounded to bf16 first, as autocast does
+        got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+        assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
 
 
 ON_GPU = jax.default_backend() == "gpu"
