@@ -237,6 +237,10 @@ def cmd_train(args) -> dict:
             if "atlas_jax" in frameworks and configured.model.dropout > 0:  # what a real run of the config costs
                 measure(f"atlas_jax dropout {configured.model.dropout:g}", train_atlas_jax,
                         cfg=dataclasses.asdict(configured))
+            if "atlas_jax" in frameworks and "torch_best_bf16" in frameworks and cfg.model.compute_dtype == "float32":
+                # bf16 against bf16: torch's autocast row has an atlas_jax row in the same precision.
+                measure("atlas_jax bf16", train_atlas_jax, cfg=dataclasses.asdict(
+                    dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype="bfloat16"))))
     for fw, results in runs.items():
         section["frameworks"][fw] = summarize_train(pool_rounds(results), b * t, flops_tok,
                                                     peak if fw.startswith("atlas_jax") else torch_peak)
