@@ -137,20 +137,22 @@ def peak_rss_mib() -> float:
     return status_mib("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def matmul_peak_flops(n: int, reps: int = 5, framework: str = "jax") -> float:
-    """f32 FLOP/s of one n x n x n matmul in `framework` (jax: jnp.dot on the default device; torch:
-    torch.mm on the CPU with torch's own threads), median of reps."""
+def matmul_peak_flops(n: int, reps: int = 5, framework: str = "jax", dtype: str = "float32") -> float:
+    """FLOP/s of one n x n x n matmul in `framework` (jax: jnp.dot on the default device; torch:
+    torch.mm on the CPU with torch's own threads), median of reps. dtype bfloat16: bf16 operands, as
+    the bf16 rows run them (jax accumulating in f32 as the model does on CPU, torch as autocast does)."""
     if framework == "torch":
         import torch
 
-        a = torch.randn(n, n)
+        a = torch.randn(n, n).to(getattr(torch, dtype))
         run = lambda: torch.mm(a, a)  # noqa: E731 (synchronous on the CPU)
     else:
         import jax
         import jax.numpy as jnp
 
-        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-        dot = jax.jit(jnp.dot)
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+        acc = {} if dtype == "float32" else {"preferred_element_type": jnp.float32}
+        dot = jax.jit(lambda x, y: jnp.dot(x, y, **acc))
         run = lambda: dot(a, a).block_until_ready()  # noqa: E731
     run()
     times = []
@@ -165,7 +167,7 @@ MFU = "MFU"
 CPU_UTIL = "util. vs measured matmul peak"  # the MFU column's name on a CPU: no data-sheet peak there
 
 
-def peak_flops(quick: bool, framework: str = "jax") -> tuple[float, str, str]:
+def peak_flops(quick: bool, framework: str = "jax", dtype: str = "float32") -> tuple[float, str, str]:
     """The MFU denominator, its source and the column's label: the device table (atlas_jax.devices) on
     accelerators (MFU); on a CPU the f32 matmul peak measured in the row's own framework (jax for
     atlas_jax rows, torch for torch rows), so the column is utilisation against that, not MFU."""
@@ -178,7 +180,9 @@ def peak_flops(quick: bool, framework: str = "jax") -> tuple[float, str, str]:
         return table.flops * jax.device_count(), f"{jax.devices()[0].device_kind} bf16 dense, from the table", MFU
     n = 1024 if quick else 2048
     op = "torch.mm" if framework == "torch" else "jnp.dot"
-    return matmul_peak_flops(n, framework=framework), f"measured: f32 {op} {n}^3 on {cores()} cores", CPU_UTIL
+    short = {"float32": "f32", "bfloat16": "bf16"}.get(dtype, dtype)
+    return (matmul_peak_flops(n, framework=framework, dtype=dtype), f"measured: {short} {op} {n}^3 on {cores()} cores",
+            CPU_UTIL)
 
 
 # --------------------------------------------------------------------------- child processes

@@ -226,6 +226,10 @@ def _peak_text(tr: dict) -> str:
     if tr.get("peak_source_torch", tr["peak_source"]) != tr["peak_source"]:
         text += (f" for atlas_jax rows and {tr['peak_flops_torch'] / 1e9:,.1f} GFLOP/s ({tr['peak_source_torch']}) "
                  f"for torch rows")
+    if "peak_flops_bf16" in tr:
+        text += (f"; the bf16 rows against {tr['peak_flops_bf16'] / 1e9:,.1f} GFLOP/s ({tr['peak_source_bf16']}, "
+                 f"accumulating in f32) for atlas_jax and {tr['peak_flops_torch_bf16'] / 1e9:,.1f} GFLOP/s "
+                 f"({tr['peak_source_torch_bf16']}) for torch")
     return text + "."
 
 

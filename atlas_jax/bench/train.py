@@ -196,6 +196,10 @@ def cmd_train(args) -> dict:
     torch_peak, torch_src = (peak, peak_src)
     if any(fw != "atlas_jax" for fw in frameworks) and torch_device() == "cpu":
         torch_peak, torch_src, _ = peak_flops(args.quick, framework="torch")
+    bf16_peaks = {}  # the bf16 rows' utilisation: against each framework's own bf16 matmul
+    if "torch_best_bf16" in frameworks and torch_device() == "cpu":
+        bf16_peaks = {"jax": peak_flops(args.quick, dtype="bfloat16")[:2],
+                      "torch": peak_flops(args.quick, framework="torch", dtype="bfloat16")[:2]}
     flops_tok = flops_per_token(cfg.model, t)
     section = {"config": source, "model": model_summary(cfg), "batch_size": b, "seq_len": t,
                "microbatches": cfg.train.microbatches,
@@ -203,6 +207,9 @@ def cmd_train(args) -> dict:
                "peak_source": peak_src, "peak_flops_torch": torch_peak, "peak_source_torch": torch_src,
                "mfu_label": mfu_label, "load_avg_start": load_avg(), "frameworks": {},
                "torch_settings": {fw: TORCH_SETTINGS[fw] for fw in frameworks if fw in TORCH_SETTINGS}}
+    if bf16_peaks:
+        section.update(peak_flops_bf16=bf16_peaks["jax"][0], peak_source_bf16=bf16_peaks["jax"][1],
+                       peak_flops_torch_bf16=bf16_peaks["torch"][0], peak_source_torch_bf16=bf16_peaks["torch"][1])
     log(f"train: {source or 'flags'}, batch {b} x seq {t}, {steps} steps after {warmup} warm-up; {mfu_label} "
          f"against {peak / 1e9:,.1f} GFLOP/s ({peak_src}) for atlas_jax, {torch_peak / 1e9:,.1f} GFLOP/s "
          f"({torch_src}) for torch")
@@ -242,8 +249,9 @@ def cmd_train(args) -> dict:
                 measure("atlas_jax bf16", train_atlas_jax, cfg=dataclasses.asdict(
                     dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, compute_dtype="bfloat16"))))
     for fw, results in runs.items():
-        section["frameworks"][fw] = summarize_train(pool_rounds(results), b * t, flops_tok,
-                                                    peak if fw.startswith("atlas_jax") else torch_peak)
+        jax_row, bf16_row = fw.startswith("atlas_jax"), fw.endswith("bf16") and bool(bf16_peaks)
+        row_peak = (bf16_peaks["jax" if jax_row else "torch"][0] if bf16_row else peak if jax_row else torch_peak)
+        section["frameworks"][fw] = summarize_train(pool_rounds(results), b * t, flops_tok, row_peak)
     jax_tps = section["frameworks"]["atlas_jax"].get("tokens_per_s")
     for fw, r in section["frameworks"].items():
         if not fw.startswith("atlas_jax") and jax_tps and "tokens_per_s" in r:

@@ -65,6 +65,7 @@ def test_train_measures_every_framework_from_the_same_params(bench):
         diff = abs(fws[name]["first_loss"] - fws["atlas_jax"]["first_loss"])
         bar = BF16_FIRST_LOSS_ATOL if name.endswith("_bf16") else 1e-3
         assert diff < bar, f"train.{name}.first_loss differs from atlas_jax's by {diff:.2e} (bar {bar:g})"
+    _positive(sec, ["peak_flops_bf16", "peak_flops_torch_bf16"], "train")  # the bf16 rows' own peaks
     bf16 = abs(fws["atlas_jax bf16"]["first_loss"] - fws["atlas_jax"]["first_loss"])  # beside torch_best_bf16
     assert bf16 < BF16_FIRST_LOSS_ATOL, f"train.atlas_jax bf16.first_loss differs from f32 by {bf16:.2e}"
     assert sec["torch_settings"] == TORCH_SETTINGS, sec["torch_settings"]
