@@ -433,3 +433,24 @@ def _tied_bwd(res, g):
 
 
 tied_logits.defvjp(_tied_fwd, _tied_bwd)
+
+
+@jax.custom_vjp
+def add_bias(y: Array, bias_F: Array) -> Array:
+    """y + bias over the last axis, for 16-bit y: the bias gradient is a ones-vector product
+    accumulated in f32 (`_acc`). Left to itself, XLA:CPU sums a bf16 gradient over the batch as a
+    convert to f32 and an unfused, split `reduce-window`: 19% of a 111M GPT-2 bf16 step."""
+    return y + bias_F
+
+
+def _add_bias_fwd(y, bias_F):
+    return y + bias_F, jnp.zeros((), bias_F.dtype)  # the residual: the bias's dtype
+
+
+def _add_bias_bwd(like, g):
+    g_NxF = g.reshape(-1, g.shape[-1])
+    dbias = jnp.dot(jnp.ones((g_NxF.shape[0],), g.dtype), g_NxF, **_acc(g_NxF)).astype(like.dtype)
+    return g, dbias
+
+
+add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)

@@ -68,8 +68,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from atlas_jax.config import ModelConfig
-from atlas_jax.kernels import (blocked_attention_btnh, cached_attention, einsum_attention, einsum_attention_with_probs,
-                               from_grouped, rowmajor_grad_dot_general, tied_logits, to_grouped)
+from atlas_jax.kernels import (add_bias, blocked_attention_btnh, cached_attention, einsum_attention,
+                               einsum_attention_with_probs, from_grouped, rowmajor_grad_dot_general, tied_logits,
+                               to_grouped)
 from atlas_jax.moe import EXPERT_IMPLS, experts_all_to_all, load_balance_loss, route, router_z_loss
 
 Array = jax.Array
@@ -212,10 +213,27 @@ def matmul_impl(cfg: ModelConfig) -> str:
     return "rowmajor" if jax.default_backend() == "cpu" and cfg.remat == "none" else "xla"
 
 
+class RowMajorDense(nn.Dense):
+    """nn.Dense (the same params, kernel [in, out] and bias) for the CPU path: `dot_general` is
+    kernels.rowmajor_grad_dot_general, and a 16-bit output gets its bias through kernels.add_bias
+    (the bias gradient as an f32-accumulated product). Anything that treats it as an nn.Dense
+    (sample.apply_with_layout's interceptor) still does."""
+
+    @nn.compact
+    def __call__(self, inputs: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (jnp.shape(inputs)[-1], self.features), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype) if self.use_bias else None
+        inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=self.dtype)
+        y = rowmajor_grad_dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
+        if bias is None:
+            return y
+        return add_bias(y, bias) if y.dtype in (jnp.bfloat16, jnp.float16) else y + bias
+
+
 def make_dense(cfg: ModelConfig, features: int, name: str, std: float, use_bias: bool | None = None) -> nn.Dense:
     """A Dense layer of the model, its dot_general chosen by `matmul_impl`."""
     rowmajor = matmul_impl(cfg) == "rowmajor"
-    return nn.Dense(features, use_bias=cfg.arch == "gpt2" if use_bias is None else use_bias,
+    return (RowMajorDense if rowmajor else nn.Dense)(features, use_bias=cfg.arch == "gpt2" if use_bias is None else use_bias,
                     dtype=dtype_of(cfg.compute_dtype), param_dtype=dtype_of(cfg.param_dtype),
                     kernel_init=_normal(std), dot_general=rowmajor_grad_dot_general if rowmajor else None, name=name)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,6 +140,27 @@ def test_rowmajor_grad_dense_matches_plain_dot_general(dtype):
     assert dx1.dtype == dx0.dtype == x.dtype and dw1.dtype == dw0.dtype == w.dtype
     np.testing.assert_allclose(np.asarray(dx1, np.float32), np.asarray(dx0, np.float32), rtol=tol, atol=tol)
     np.testing.assert_allclose(np.asarray(dw1, np.float32), np.asarray(dw0, np.float32), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_rowmajor_dense_matches_nn_dense_with_its_bias_gradient(dtype):
+    """model.RowMajorDense (the CPU Dense: kernels.add_bias for 16-bit outputs) against nn.Dense on the
+    same params: value and the kernel, bias and input gradients."""
+    kx, kg = jax.random.split(jax.random.key(5))
+    x = jax.random.normal(kx, (3, 7, 24))
+    g = jax.random.normal(kg, (3, 7, 40))
+    kw = dict(features=40, dtype=jnp.dtype(dtype), kernel_init=nn.initializers.normal(0.5),
+              bias_init=nn.initializers.normal(0.5))
+    fast, plain = M.RowMajorDense(**kw), nn.Dense(**kw)
+    params = plain.init(jax.random.key(6), x)
+    assert jax.tree.structure(fast.init(jax.random.key(6), x)) == jax.tree.structure(params)
+    loss = lambda mod: lambda p, x: jnp.sum(mod.apply(p, x).astype(jnp.float32) * g)  # noqa: E731
+    (v0, g0), (v1, g1) = (jax.jit(jax.value_and_grad(loss(m), argnums=(0, 1)))(params, x) for m in (plain, fast))
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(float(v1), float(v0), rtol=tol)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g1), jax.tree.leaves(g0)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.abs(a - b).max() <= tol * max(1.0, np.abs(b).max()), f"{jax.tree_util.keystr(path)} differs"
 
 
 def test_tied_logits_match_the_f32_product_and_its_gradients_in_bf16():
