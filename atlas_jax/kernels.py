@@ -17,6 +17,9 @@ model, never called by users directly:
   laid out so that XLA:CPU updates the cache in place and never copies or transposes it per step.
 - `rowmajor_grad_dot_general`: nn.Dense's dot_general whose weight gradient x^T g keeps g
   row-major. The model uses it on CPU when no remat policy needs to see plain dot_generals.
+- `tied_logits`, `add_bias`: the tied LM head and a Dense bias for 16-bit compute on CPU, their
+  products (the bias gradient a ones-vector product) accumulated in f32 (`_acc`), as the Dense
+  products and the blocked kernel's are.
 
 Every function here returns what its plain counterpart returns (tests/unit/test_model.py and the
 parity suite hold them to the XLA kernel and to torch).
@@ -171,15 +174,20 @@ def einsum_attention_with_probs(q_BxTxNxH: Array, k_BxSxKxH: Array, v_BxSxKxH: A
     return from_grouped(out), probs.reshape(b, k * g, t, s)
 
 
-# --------------------------------------------------------------------------- blocked attention
+# --------------------------------------------------------------------------- 16-bit accumulation
 
 
 def _acc(*operands) -> dict:
     """dot_general's preferred_element_type for these operands: float32 accumulation when any is a
-    16-bit float. XLA:CPU runs a bf16 x bf16 -> bf16 product at 330 GFLOP/s and the same product
-    -> f32 at 800-920 on an AVX512-BF16 CPU (2048^3, 2 cores; f32 x f32: 440-470), so the result is
-    accumulated and returned in f32, then rounded once to the operands' dtype by the caller."""
-    return {"preferred_element_type": jnp.float32} if any(o.dtype in (jnp.bfloat16, jnp.float16) for o in operands) else {}
+    16-bit float. XLA:CPU runs a bf16 x bf16 -> bf16 product at 293-342 GFLOP/s and the same product
+    -> f32 at 797-919 on an AVX512-BF16 CPU (2048^3, 2 cores; f32 x f32: 428-481, docs/benchmarks.md),
+    so the result is accumulated and returned in f32, then rounded once to the operands' dtype by the
+    caller."""
+    sixteen_bit = any(o.dtype in (jnp.bfloat16, jnp.float16) for o in operands)
+    return {"preferred_element_type": jnp.float32} if sixteen_bit else {}
+
+
+# --------------------------------------------------------------------------- blocked attention
 
 
 def _pad_axis(x: Array, axis: int, size: int, value=0) -> Array:
@@ -240,7 +248,8 @@ def _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block):
             p = jnp.exp(s - m_new[..., None])
             alpha = jnp.exp(m - m_new)
             l = alpha * l + p.sum(-1)
-            acc = alpha[..., None] * acc + jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v_j, **_acc(v_j)).astype(jnp.float32)
+            pv = jnp.einsum("bkgts,bksh->bkgth", p.astype(v.dtype), v_j, **_acc(v_j)).astype(jnp.float32)
+            acc = alpha[..., None] * acc + pv
             return m_new, l, acc
 
         acc0 = jnp.zeros((b, kh, g, block, h), jnp.float32)

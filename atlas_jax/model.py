@@ -231,11 +231,11 @@ class RowMajorDense(nn.Dense):
 
 
 def make_dense(cfg: ModelConfig, features: int, name: str, std: float, use_bias: bool | None = None) -> nn.Dense:
-    """A Dense layer of the model, its dot_general chosen by `matmul_impl`."""
-    rowmajor = matmul_impl(cfg) == "rowmajor"
-    return (RowMajorDense if rowmajor else nn.Dense)(features, use_bias=cfg.arch == "gpt2" if use_bias is None else use_bias,
-                    dtype=dtype_of(cfg.compute_dtype), param_dtype=dtype_of(cfg.param_dtype),
-                    kernel_init=_normal(std), dot_general=rowmajor_grad_dot_general if rowmajor else None, name=name)
+    """A Dense layer of the model: RowMajorDense or plain nn.Dense, as `matmul_impl` chooses."""
+    cls = RowMajorDense if matmul_impl(cfg) == "rowmajor" else nn.Dense
+    return cls(features, use_bias=cfg.arch == "gpt2" if use_bias is None else use_bias,
+               dtype=dtype_of(cfg.compute_dtype), param_dtype=dtype_of(cfg.param_dtype), kernel_init=_normal(std),
+               name=name)
 
 
 def write_cache(cache_YxSxH: Array, new_BxLxKxH: Array, where: Array, n_sinks: int) -> Array:
