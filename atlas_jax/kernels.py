@@ -183,8 +183,12 @@ def _acc(*operands) -> dict:
     -> f32 at 797-919 on an AVX512-BF16 CPU (2048^3, 2 cores; f32 x f32: 428-481, docs/benchmarks.md),
     so the result is accumulated and returned in f32, then rounded once to the operands' dtype by the
     caller."""
-    sixteen_bit = any(o.dtype in (jnp.bfloat16, jnp.float16) for o in operands)
-    return {"preferred_element_type": jnp.float32} if sixteen_bit else {}
+    return {"preferred_element_type": jnp.float32} if any(is_16bit(o.dtype) for o in operands) else {}
+
+
+def is_16bit(dtype) -> bool:
+    """bfloat16 or float16: the dtypes whose products `_acc` accumulates in f32."""
+    return dtype in (jnp.bfloat16, jnp.float16)
 
 
 # --------------------------------------------------------------------------- blocked attention
@@ -221,13 +225,17 @@ def _unblocks(x: Array, axis: int) -> Array:
     return x.reshape(x.shape[:axis] + (x.shape[axis] * x.shape[axis + 1],) + x.shape[axis + 2:])
 
 
-def _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block):
+def _prescaled(q: Array) -> Array:
+    """q / sqrt(H): the blocked kernel scales q once, not each tile's scores."""
+    return q * jnp.asarray(1.0 / math.sqrt(q.shape[-1]), q.dtype)
+
+
+def _blocked_fwd(qs, k, v, mask_BxTxS, sink_KxG, block):
     """Online softmax (FlashAttention-2's forward): for each query block, the key blocks left of
     the diagonal (no position mask), then the diagonal block, with a running max m, denominator l
-    and unnormalised output acc. q is scaled by 1/sqrt(H) once, not each tile's scores. Returns
+    and unnormalised output acc. qs: q already scaled by 1/sqrt(H) (`_prescaled`). Returns
     out_BxKxGxTxH and lse_BxKxGxT (the row's logsumexp, the sink's term included)."""
-    b, kh, g, t, h = q.shape
-    qs = q * jnp.asarray(1.0 / math.sqrt(h), q.dtype)
+    b, kh, g, t, h = qs.shape
     f32min = jnp.finfo(jnp.float32).min
     if sink_KxG is None:
         m0 = jnp.full((b, kh, g, block), -jnp.inf, jnp.float32)
@@ -256,21 +264,20 @@ def _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block):
         carry = jax.lax.fori_loop(0, i, key_block, (m0, l0, acc0))
         m, l, acc = key_block(i, carry, diagonal=True)
         m = jnp.maximum(m, f32min)  # a row with every key masked and no sink: finite, as grouped_probs
-        return None, ((acc / l[..., None]).astype(q.dtype), m + jnp.log(l))
+        return None, ((acc / l[..., None]).astype(qs.dtype), m + jnp.log(l))
 
     n = t // block
     _, (out, lse) = jax.lax.scan(row_block, None, (jnp.arange(n), _blocks(qs, 3, block)))
     return _unblocks(out, 3), _unblocks(lse, 3)
 
 
-def _blocked_bwd(q, k, v, mask_BxTxS, sink_KxG, block, out, lse, do):
+def _blocked_bwd(qs, k, v, mask_BxTxS, sink_KxG, block, out, lse, do):
     """FlashAttention-2's backward: scores recomputed block by block (off-diagonal tiles unmasked,
     as in the forward), P = exp(S - lse), D = rowsum(dO * O), dS = P * (dP - D); dQ per query
     block, dK and dV accumulated over them. With q prescaled, dK = dS^T (q / sqrt(H)) needs no
     further scale and dQ = (dS K) / sqrt(H) is scaled once per block."""
-    b, kh, g, t, h = q.shape
+    b, kh, g, t, h = qs.shape
     scale = 1.0 / math.sqrt(h)
-    qs = q * jnp.asarray(scale, q.dtype)
     d_BxKxGxT = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), -1)
 
     def row_block(carry, xs):
@@ -284,7 +291,7 @@ def _blocked_bwd(q, k, v, mask_BxTxS, sink_KxG, block, out, lse, do):
             s = _block_scores(qs_i, k_j, i, j, block, mask_BxTxS, diagonal)
             p = jnp.exp(s - lse_i[..., None])
             dp = jnp.einsum("bkgth,bksh->bkgts", do_i, v_j, **_acc(do_i, v_j)).astype(jnp.float32)
-            ds = (p * (dp - d_i[..., None])).astype(q.dtype)
+            ds = (p * (dp - d_i[..., None])).astype(qs.dtype)
             dv_j = jnp.einsum("bkgts,bkgth->bksh", p.astype(do_i.dtype), do_i, **_acc(do_i)).astype(jnp.float32)
             dk_j = jnp.einsum("bkgts,bkgth->bksh", ds, qs_i, **_acc(ds)).astype(jnp.float32)
             dq_i = dq_i + jnp.einsum("bkgts,bksh->bkgth", ds, k_j, **_acc(ds)).astype(jnp.float32)
@@ -303,7 +310,7 @@ def _blocked_bwd(q, k, v, mask_BxTxS, sink_KxG, block, out, lse, do):
     xs = (jnp.arange(n), _blocks(qs, 3, block), _blocks(do, 3, block), _blocks(lse, 3, block),
           _blocks(d_BxKxGxT, 3, block))
     (dk, dv), dq = jax.lax.scan(row_block, (zeros, zeros), xs)
-    dq = _unblocks(dq, 3).astype(q.dtype)
+    dq = _unblocks(dq, 3).astype(qs.dtype)
     # The sink column: value 0, so dP = 0 there and dS_sink = -p_sink * D.
     dsink = None if sink_KxG is None else \
         (-jnp.exp(sink_KxG.astype(jnp.float32)[None, :, :, None] - lse) * d_BxKxGxT).sum((0, 3)).astype(sink_KxG.dtype)
@@ -312,17 +319,18 @@ def _blocked_bwd(q, k, v, mask_BxTxS, sink_KxG, block, out, lse, do):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _blocked(q, k, v, mask_BxTxS, sink_KxG, block):
-    return _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block)[0]
+    return _blocked_fwd(_prescaled(q), k, v, mask_BxTxS, sink_KxG, block)[0]
 
 
 def _blocked_vjp_fwd(q, k, v, mask_BxTxS, sink_KxG, block):
-    out, lse = _blocked_fwd(q, k, v, mask_BxTxS, sink_KxG, block)
-    return out, (q, k, v, mask_BxTxS, sink_KxG, out, lse)
+    qs = _prescaled(q)  # kept for the backward, which needs q only scaled
+    out, lse = _blocked_fwd(qs, k, v, mask_BxTxS, sink_KxG, block)
+    return out, (qs, k, v, mask_BxTxS, sink_KxG, out, lse)
 
 
 def _blocked_vjp_bwd(block, res, do):
-    q, k, v, mask_BxTxS, sink_KxG, out, lse = res
-    dq, dk, dv, dsink = _blocked_bwd(q, k, v, mask_BxTxS, sink_KxG, block, out, lse, do)
+    qs, k, v, mask_BxTxS, sink_KxG, out, lse = res
+    dq, dk, dv, dsink = _blocked_bwd(qs, k, v, mask_BxTxS, sink_KxG, block, out, lse, do)
     return dq, dk, dv, None, dsink
 
 

@@ -69,8 +69,8 @@ import numpy as np
 
 from atlas_jax.config import ModelConfig
 from atlas_jax.kernels import (add_bias, blocked_attention_btnh, cached_attention, einsum_attention,
-                               einsum_attention_with_probs, from_grouped, rowmajor_grad_dot_general, tied_logits,
-                               to_grouped)
+                               einsum_attention_with_probs, from_grouped, is_16bit, rowmajor_grad_dot_general,
+                               tied_logits, to_grouped)
 from atlas_jax.moe import EXPERT_IMPLS, experts_all_to_all, load_balance_loss, route, router_z_loss
 
 Array = jax.Array
@@ -227,7 +227,7 @@ class RowMajorDense(nn.Dense):
         y = rowmajor_grad_dot_general(inputs, kernel, (((inputs.ndim - 1,), (0,)), ((), ())))
         if bias is None:
             return y
-        return add_bias(y, bias) if y.dtype in (jnp.bfloat16, jnp.float16) else y + bias
+        return add_bias(y, bias) if is_16bit(y.dtype) else y + bias
 
 
 def make_dense(cfg: ModelConfig, features: int, name: str, std: float, use_bias: bool | None = None) -> nn.Dense:
@@ -464,7 +464,7 @@ class Transformer(nn.Module):
 
     def _head(self, x_BxTxD) -> Array:
         x = self.final_norm(x_BxTxD).astype(dtype_of(self.cfg.compute_dtype))
-        if self.cfg.tie_embeddings and x.dtype != jnp.float32 and matmul_impl(self.cfg) == "rowmajor":
+        if self.cfg.tie_embeddings and is_16bit(x.dtype) and matmul_impl(self.cfg) == "rowmajor":
             return tied_logits(x, self.embed.embedding.astype(x.dtype))  # f32 accumulation (kernels._acc)
         logits = self.embed.attend(x) if self.cfg.tie_embeddings else self.lm_head(x)
         return logits.astype(jnp.float32)
